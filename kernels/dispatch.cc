@@ -1,0 +1,53 @@
+// Routes each op of kernels.h to the backend of its output tensor's device.
+#include "kernels/cpu/cpu_kernels.h"
+#include "kernels/kernels.h"
+#include "common/thread_pool.h"
+#if MOE_HAVE_CUDA
+#include "kernels/cuda/cuda_kernels.h"
+#endif
+
+namespace moe::kernels {
+namespace {
+
+absl::Status NoCuda(const char* op) {
+  return absl::UnimplementedError(std::string(op) +
+                                  ": this build has no CUDA backend (configure with MOE_CUDA=ON)");
+}
+
+}  // namespace
+
+#if MOE_HAVE_CUDA
+#define MOE_KERNEL_DISPATCH(Op, device_view)                                     \
+  absl::Status Op(const Op##Args& args) {                                        \
+    if ((device_view).device() == common::Device::kCuda) return cuda::Op(args);  \
+    return cpu::Op(args);                                                        \
+  }
+#else
+#define MOE_KERNEL_DISPATCH(Op, device_view)                                     \
+  absl::Status Op(const Op##Args& args) {                                        \
+    if ((device_view).device() == common::Device::kCuda) return NoCuda(#Op);     \
+    return cpu::Op(args);                                                        \
+  }
+#endif
+
+MOE_KERNEL_DISPATCH(Linear, args.out)
+MOE_KERNEL_DISPATCH(Embedding, args.out)
+MOE_KERNEL_DISPATCH(RmsNorm, args.out)
+MOE_KERNEL_DISPATCH(Add, args.out)
+MOE_KERNEL_DISPATCH(SiluMul, args.out)
+MOE_KERNEL_DISPATCH(SigmoidGatedAdd, args.out)
+MOE_KERNEL_DISPATCH(Rope, args.x)
+MOE_KERNEL_DISPATCH(WriteKvCache, args.k_cache)
+MOE_KERNEL_DISPATCH(PagedAttention, args.out)
+MOE_KERNEL_DISPATCH(RouterTopK, args.topk_weights)
+MOE_KERNEL_DISPATCH(Permute, args.permuted)
+MOE_KERNEL_DISPATCH(Unpermute, args.out)
+MOE_KERNEL_DISPATCH(ExpertFfn, args.out)
+MOE_KERNEL_DISPATCH(Mlp, args.out)
+
+#undef MOE_KERNEL_DISPATCH
+
+void SetCpuThreads(int num_threads) { common::ThreadPool::SetDefaultThreads(num_threads); }
+int CpuThreads() { return common::ThreadPool::Default().num_threads(); }
+
+}  // namespace moe::kernels
