@@ -17,33 +17,33 @@ absl::Status NoCuda(const char* op) {
 }  // namespace
 
 #if MOE_HAVE_CUDA
-#define MOE_KERNEL_DISPATCH(Op, device_view)                                     \
-  absl::Status Op(const Op##Args& args) {                                        \
+#define MOE_KERNEL_DISPATCH(Op, OpArgs, device_view)                             \
+  absl::Status Op(const OpArgs& args) {                                          \
     if ((device_view).device() == common::Device::kCuda) return cuda::Op(args);  \
     return cpu::Op(args);                                                        \
   }
 #else
-#define MOE_KERNEL_DISPATCH(Op, device_view)                                     \
-  absl::Status Op(const Op##Args& args) {                                        \
+#define MOE_KERNEL_DISPATCH(Op, OpArgs, device_view)                             \
+  absl::Status Op(const OpArgs& args) {                                          \
     if ((device_view).device() == common::Device::kCuda) return NoCuda(#Op);     \
     return cpu::Op(args);                                                        \
   }
 #endif
 
-MOE_KERNEL_DISPATCH(Linear, args.out)
-MOE_KERNEL_DISPATCH(Embedding, args.out)
-MOE_KERNEL_DISPATCH(RmsNorm, args.out)
-MOE_KERNEL_DISPATCH(Add, args.out)
-MOE_KERNEL_DISPATCH(SiluMul, args.out)
-MOE_KERNEL_DISPATCH(SigmoidGatedAdd, args.out)
-MOE_KERNEL_DISPATCH(Rope, args.x)
-MOE_KERNEL_DISPATCH(WriteKvCache, args.k_cache)
-MOE_KERNEL_DISPATCH(PagedAttention, args.out)
-MOE_KERNEL_DISPATCH(RouterTopK, args.topk_weights)
-MOE_KERNEL_DISPATCH(Permute, args.permuted)
-MOE_KERNEL_DISPATCH(Unpermute, args.out)
-MOE_KERNEL_DISPATCH(ExpertFfn, args.out)
-MOE_KERNEL_DISPATCH(Mlp, args.out)
+MOE_KERNEL_DISPATCH(Linear, LinearArgs, args.out)
+MOE_KERNEL_DISPATCH(Embedding, EmbeddingArgs, args.out)
+MOE_KERNEL_DISPATCH(RmsNorm, RmsNormArgs, args.out)
+MOE_KERNEL_DISPATCH(Add, AddArgs, args.out)
+MOE_KERNEL_DISPATCH(SiluMul, SiluMulArgs, args.out)
+MOE_KERNEL_DISPATCH(SigmoidGatedAdd, SigmoidGatedAddArgs, args.out)
+MOE_KERNEL_DISPATCH(Rope, RopeArgs, args.x)
+MOE_KERNEL_DISPATCH(WriteKvCache, KvWriteArgs, args.k_cache)
+MOE_KERNEL_DISPATCH(PagedAttention, AttentionArgs, args.out)
+MOE_KERNEL_DISPATCH(RouterTopK, RouterArgs, args.topk_weights)
+MOE_KERNEL_DISPATCH(Permute, PermuteArgs, args.permuted)
+MOE_KERNEL_DISPATCH(Unpermute, UnpermuteArgs, args.out)
+MOE_KERNEL_DISPATCH(ExpertFfn, ExpertFfnArgs, args.out)
+MOE_KERNEL_DISPATCH(Mlp, MlpArgs, args.out)
 
 #undef MOE_KERNEL_DISPATCH
 
