@@ -1,0 +1,2 @@
+// CUDA kernels (placeholder).
+#include <cuda_runtime.h>
