@@ -1,0 +1,212 @@
+#include "model/weights.h"
+
+#include <map>
+
+#include "model/tensor_names.h"
+
+namespace moe::model {
+
+using common::DType;
+using common::Tensor;
+using common::TensorView;
+
+namespace {
+
+float LoadElement(const TensorView& v, int64_t i) {
+  switch (v.dtype()) {
+    case DType::kF32: return v.data_as<const float>()[i];
+    case DType::kBF16: return common::Bf16ToF32(v.data_as<const uint16_t>()[i]);
+    case DType::kF16: return common::F16ToF32(v.data_as<const uint16_t>()[i]);
+    default: return 0.0f;
+  }
+}
+
+void StoreElement(const TensorView& v, int64_t i, float x) {
+  if (v.dtype() == DType::kF32) {
+    v.data_as<float>()[i] = x;
+  } else {
+    v.data_as<uint16_t>()[i] = common::F32ToBf16(x);
+  }
+}
+
+bool IsFloat(DType d) { return d == DType::kF32 || d == DType::kBF16 || d == DType::kF16; }
+
+}  // namespace
+
+// Fetches, checks and converts tensors for one Load call.
+class ModelWeights::Loader {
+ public:
+  Loader(ModelWeights& w, const WeightsOptions& options) : w_(w), options_(options) {}
+
+  // The tensor `name` with `shape`, in the dtype the options ask for.
+  absl::StatusOr<TensorView> Get(const std::string& name, const std::vector<int64_t>& shape,
+                                 bool keep_f32 = false) {
+    if (auto it = cache_.find(name); it != cache_.end()) return it->second;
+    MOE_ASSIGN_OR_RETURN(TensorView src, w_.reader_->Get(name, shape));
+    if (!IsFloat(src.dtype())) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "tensor ", name, ": dtype ", std::string(DTypeName(src.dtype())),
+          " is not a floating-point weight (f32, bf16 or f16 expected)"));
+    }
+    DType target = src.dtype() == DType::kF16 ? DType::kF32 : src.dtype();
+    if (options_.dtype.has_value()) target = *options_.dtype;
+    if (keep_f32) target = DType::kF32;
+    TensorView out = src;
+    if (target != src.dtype()) out = Convert(src, target);
+    w_.total_bytes_ += out.nbytes();
+    cache_[name] = out;
+    return out;
+  }
+
+  // Same, with the shape from TensorNames' spec list.
+  absl::StatusOr<TensorView> GetSpec(const std::map<std::string, TensorSpec>& specs,
+                                     const std::string& name) {
+    if (name.empty()) return TensorView();
+    auto it = specs.find(name);
+    if (it == specs.end()) {
+      return absl::InternalError(absl::StrCat("no shape known for tensor ", name));
+    }
+    return Get(name, it->second.shape, it->second.keep_f32);
+  }
+
+  // An owned tensor in the weight dtype of `like`.
+  TensorView NewOwned(DType dtype, std::vector<int64_t> shape) {
+    w_.owned_.emplace_back(dtype, std::move(shape));
+    TensorView v = w_.owned_.back().view();
+    w_.total_bytes_ += v.nbytes();
+    return v;
+  }
+
+ private:
+  TensorView Convert(const TensorView& src, DType target) {
+    w_.owned_.emplace_back(target, src.shape());
+    TensorView dst = w_.owned_.back().view();
+    const int64_t n = src.numel();
+    for (int64_t i = 0; i < n; ++i) StoreElement(dst, i, LoadElement(src, i));
+    return dst;
+  }
+
+  ModelWeights& w_;
+  const WeightsOptions& options_;
+  std::map<std::string, TensorView> cache_;  // tied tensors are loaded once
+};
+
+absl::StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Load(const std::string& dir,
+                                                                 const ModelConfig& config,
+                                                                 const WeightsOptions& options) {
+  MOE_ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsReader> reader, SafetensorsReader::Open(dir));
+  return Load(std::move(reader), config, options);
+}
+
+absl::StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Load(
+    std::unique_ptr<SafetensorsReader> reader, const ModelConfig& config,
+    const WeightsOptions& options) {
+  if (options.dtype.has_value() && *options.dtype != DType::kF32 &&
+      *options.dtype != DType::kBF16) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("weights dtype must be f32 or bf16, got ",
+                     std::string(DTypeName(*options.dtype))));
+  }
+  std::unique_ptr<ModelWeights> w(new ModelWeights());
+  w->config_ = config;
+  w->reader_ = std::move(reader);
+  Loader loader(*w, options);
+  const TensorNames names(config);
+  const int64_t hidden = config.hidden_size;
+  const bool dense = options.load_non_expert;
+
+  if (dense) {
+    MOE_ASSIGN_OR_RETURN(w->embedding_,
+                         loader.Get(names.embedding(), {config.vocab_size, hidden}));
+    MOE_ASSIGN_OR_RETURN(w->final_norm_, loader.Get(names.final_norm(), {hidden}));
+    MOE_ASSIGN_OR_RETURN(w->lm_head_, loader.Get(names.lm_head(), {config.vocab_size, hidden}));
+  }
+
+  w->layers_.resize(config.num_layers);
+  for (int l = 0; l < config.num_layers; ++l) {
+    LayerWeights& lw = w->layers_[l];
+    lw.is_moe = config.IsMoeLayer(l);
+    if (dense) {
+      std::map<std::string, TensorSpec> specs;
+      for (TensorSpec& s : names.LayerTensors(l)) specs.emplace(s.name, std::move(s));
+      const LayerTensorNames n = names.Layer(l);
+      auto get = [&](const std::string& name) { return loader.GetSpec(specs, name); };
+      MOE_ASSIGN_OR_RETURN(lw.input_norm, get(n.input_norm));
+      MOE_ASSIGN_OR_RETURN(lw.post_attention_norm, get(n.post_attention_norm));
+      AttentionWeights& a = lw.attn;
+      MOE_ASSIGN_OR_RETURN(a.q_proj, get(n.q_proj));
+      MOE_ASSIGN_OR_RETURN(a.k_proj, get(n.k_proj));
+      MOE_ASSIGN_OR_RETURN(a.v_proj, get(n.v_proj));
+      MOE_ASSIGN_OR_RETURN(a.q_bias, get(n.q_bias));
+      MOE_ASSIGN_OR_RETURN(a.k_bias, get(n.k_bias));
+      MOE_ASSIGN_OR_RETURN(a.v_bias, get(n.v_bias));
+      MOE_ASSIGN_OR_RETURN(a.q_norm, get(n.q_norm));
+      MOE_ASSIGN_OR_RETURN(a.k_norm, get(n.k_norm));
+      MOE_ASSIGN_OR_RETURN(a.o_proj, get(n.o_proj));
+      MOE_ASSIGN_OR_RETURN(a.q_a_proj, get(n.q_a_proj));
+      MOE_ASSIGN_OR_RETURN(a.q_a_norm, get(n.q_a_norm));
+      MOE_ASSIGN_OR_RETURN(a.q_b_proj, get(n.q_b_proj));
+      MOE_ASSIGN_OR_RETURN(a.kv_a_proj, get(n.kv_a_proj_with_mqa));
+      MOE_ASSIGN_OR_RETURN(a.kv_a_norm, get(n.kv_a_norm));
+      MOE_ASSIGN_OR_RETURN(a.kv_b_proj, get(n.kv_b_proj));
+      if (config.attention == AttentionKind::kMla) {
+        const int64_t heads = config.num_heads, dn = config.mla.qk_nope_head_dim,
+                      dv = config.mla.v_head_dim, lat = config.mla.kv_lora_rank,
+                      rope = config.mla.qk_rope_head_dim, qk = dn + rope;
+        const TensorView kvb = a.kv_b_proj;  // [H * (dn + dv), L]
+        const size_t esize = DTypeSize(kvb.dtype());
+        TensorView uk_t = loader.NewOwned(kvb.dtype(), {heads, lat, dn});  // [H, L, dn]
+        for (int64_t h = 0; h < heads; ++h) {
+          TensorView dst = uk_t.Row(h);  // [L, dn]
+          for (int64_t i = 0; i < dn; ++i) {
+            const int64_t src_row = h * (dn + dv) + i;
+            for (int64_t j = 0; j < lat; ++j) {
+              StoreElement(dst, j * dn + i, LoadElement(kvb, src_row * lat + j));
+            }
+          }
+          a.w_uk_t.push_back(dst);
+          char* uv = static_cast<char*>(kvb.data()) + (h * (dn + dv) + dn) * lat * esize;
+          a.w_uv.emplace_back(uv, kvb.dtype(), std::vector<int64_t>{dv, lat});
+          const TensorView q = a.q_b_proj.empty() ? a.q_proj : a.q_b_proj;  // [H * qk, q_in]
+          const int64_t q_in = q.dim(1);
+          char* pe = static_cast<char*>(q.data()) +
+                     (h * qk + dn) * q_in * DTypeSize(q.dtype());
+          a.q_pe.emplace_back(pe, q.dtype(), std::vector<int64_t>{rope, q_in});
+        }
+      }
+      if (!lw.is_moe) {
+        MOE_ASSIGN_OR_RETURN(lw.mlp.gate, get(n.mlp_gate_proj));
+        MOE_ASSIGN_OR_RETURN(lw.mlp.up, get(n.mlp_up_proj));
+        MOE_ASSIGN_OR_RETURN(lw.mlp.down, get(n.mlp_down_proj));
+      } else {
+        MoeWeights& m = lw.moe;
+        MOE_ASSIGN_OR_RETURN(m.router, get(n.router));
+        MOE_ASSIGN_OR_RETURN(m.correction_bias, get(n.router_correction_bias));
+        MOE_ASSIGN_OR_RETURN(m.shared.gate, get(n.shared_gate_proj));
+        MOE_ASSIGN_OR_RETURN(m.shared.up, get(n.shared_up_proj));
+        MOE_ASSIGN_OR_RETURN(m.shared.down, get(n.shared_down_proj));
+        MOE_ASSIGN_OR_RETURN(m.shared_gate, get(n.shared_expert_gate));
+      }
+    }
+    if (!lw.is_moe) continue;
+    lw.moe.experts.resize(config.moe.num_experts);
+    for (int e = 0; e < config.moe.num_experts; ++e) {
+      if (options.experts && !options.experts(l, e)) continue;
+      const std::vector<TensorSpec> specs = names.ExpertTensors(l, e);  // gate, up, down
+      kernels::SwigluWeights& ew = lw.moe.experts[e];
+      MOE_ASSIGN_OR_RETURN(ew.gate, loader.Get(specs[0].name, specs[0].shape));
+      MOE_ASSIGN_OR_RETURN(ew.up, loader.Get(specs[1].name, specs[1].shape));
+      MOE_ASSIGN_OR_RETURN(ew.down, loader.Get(specs[2].name, specs[2].shape));
+      ++w->num_loaded_experts_;
+    }
+  }
+  return w;
+}
+
+size_t ModelWeights::owned_bytes() const {
+  size_t total = 0;
+  for (const Tensor& t : owned_) total += t.view().nbytes();
+  return total;
+}
+
+}  // namespace moe::model
