@@ -130,6 +130,7 @@ struct RopeScalingParams {
   double mscale = 1.0;           // YaRN: DeepSeek's mscale
   double mscale_all_dim = 0.0;   // YaRN: DeepSeek's mscale_all_dim
   double attention_factor = 0.0; // YaRN: explicit attention factor (0 = derive)
+  bool truncate = true;          // YaRN: floor/ceil the correction range (HF `truncate`)
 };
 absl::StatusOr<RopeTable> BuildRopeTable(int rotary_dim, int max_positions, double theta,
                                          const RopeScalingParams& scaling);

@@ -1,0 +1,216 @@
+// AVX-512 build of simd.h; compiled with -mavx512f/bw/vl/dq/bf16 -mfma and called only when
+// the CPU has them (simd_dispatch.cc). Raw pointers and intrinsics only: no std:: templates
+// that could be merged with the portable build's copies.
+//
+// MatmulBlock is the "dot product" form: each weight row is streamed once along K and
+// multiplied with up to kMr activation rows held in registers (kMr × kNr accumulators of 16
+// lanes, reduced horizontally at the end). This suits decode (small m), where weights are
+// read from memory exactly once, and is also used for prefill tiles (see linear.cc for the
+// cache blocking and measurements).
+#include <immintrin.h>
+
+#include "kernels/cpu/internal/simd.h"
+
+namespace moe::kernels::cpu::internal::avx512 {
+namespace {
+
+constexpr int kMr = 4;  // activation rows per tile
+constexpr int kNr = 4;  // weight rows per tile
+
+// Horizontal sums of four vectors: {Σa, Σb, Σc, Σd}.
+inline __m128 Reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  auto half = [](__m512 v) {
+    __m256 lo = _mm512_castps512_ps256(v);
+    __m256 hi = _mm512_castps512_ps256(_mm512_shuffle_f32x4(v, v, 0xee));
+    __m256 s = _mm256_add_ps(lo, hi);
+    return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  };
+  __m128 ab = _mm_hadd_ps(half(a), half(b));
+  __m128 cd = _mm_hadd_ps(half(c), half(d));
+  return _mm_hadd_ps(ab, cd);
+}
+
+// One MR × NR tile over the full K. kBf16: A and W are bf16 (32 per step, vdpbf16ps);
+// otherwise f32 (16 per step, FMA).
+template <int MR, int NR, bool kBf16>
+inline void Tile(const MatmulBlockArgs& args, int64_t i0, int64_t j0) {
+  __m512 acc[MR][NR];
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < NR; ++c) acc[r][c] = _mm512_setzero_ps();
+  const int64_t k = args.k;
+  if constexpr (kBf16) {
+    const uint16_t* a[MR];
+    const uint16_t* w[NR];
+    for (int r = 0; r < MR; ++r) a[r] = static_cast<const uint16_t*>(args.a_rows[i0 + r]);
+    for (int c = 0; c < NR; ++c) w[c] = static_cast<const uint16_t*>(args.w) + (j0 + c) * args.ldw;
+    int64_t kk = 0;
+    for (; kk + 32 <= k; kk += 32) {
+      __m512bh av[MR];
+      for (int r = 0; r < MR; ++r) av[r] = (__m512bh)_mm512_loadu_si512(a[r] + kk);
+      for (int c = 0; c < NR; ++c) {
+        __m512bh wv = (__m512bh)_mm512_loadu_si512(w[c] + kk);
+        for (int r = 0; r < MR; ++r) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], av[r], wv);
+      }
+    }
+    if (kk < k) {
+      const __mmask32 mask = static_cast<__mmask32>((1ull << (k - kk)) - 1);
+      __m512bh av[MR];
+      for (int r = 0; r < MR; ++r) av[r] = (__m512bh)_mm512_maskz_loadu_epi16(mask, a[r] + kk);
+      for (int c = 0; c < NR; ++c) {
+        __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, w[c] + kk);
+        for (int r = 0; r < MR; ++r) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], av[r], wv);
+      }
+    }
+  } else {
+    const float* a[MR];
+    const float* w[NR];
+    for (int r = 0; r < MR; ++r) a[r] = static_cast<const float*>(args.a_rows[i0 + r]);
+    for (int c = 0; c < NR; ++c) w[c] = static_cast<const float*>(args.w) + (j0 + c) * args.ldw;
+    int64_t kk = 0;
+    for (; kk + 16 <= k; kk += 16) {
+      __m512 av[MR];
+      for (int r = 0; r < MR; ++r) av[r] = _mm512_loadu_ps(a[r] + kk);
+      for (int c = 0; c < NR; ++c) {
+        __m512 wv = _mm512_loadu_ps(w[c] + kk);
+        for (int r = 0; r < MR; ++r) acc[r][c] = _mm512_fmadd_ps(av[r], wv, acc[r][c]);
+      }
+    }
+    if (kk < k) {
+      const __mmask16 mask = static_cast<__mmask16>((1u << (k - kk)) - 1);
+      __m512 av[MR];
+      for (int r = 0; r < MR; ++r) av[r] = _mm512_maskz_loadu_ps(mask, a[r] + kk);
+      for (int c = 0; c < NR; ++c) {
+        __m512 wv = _mm512_maskz_loadu_ps(mask, w[c] + kk);
+        for (int r = 0; r < MR; ++r) acc[r][c] = _mm512_fmadd_ps(av[r], wv, acc[r][c]);
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    const __m512 z = _mm512_setzero_ps();
+    alignas(16) float sums[4];
+    _mm_store_ps(sums, Reduce4(acc[r][0], NR > 1 ? acc[r][1 % NR] : z,
+                               NR > 2 ? acc[r][2 % NR] : z, NR > 3 ? acc[r][3 % NR] : z));
+    const float scale = args.row_scale != nullptr ? args.row_scale[i0 + r] : 1.0f;
+    float* c = args.c_rows[i0 + r] + j0;
+    for (int cc = 0; cc < NR; ++cc) {
+      c[cc] = args.accumulate ? c[cc] + scale * sums[cc] : scale * sums[cc];
+    }
+  }
+}
+
+template <bool kBf16, int NR>
+inline void RowTiles(const MatmulBlockArgs& args, int64_t j0) {
+  int64_t i0 = 0;
+  for (; i0 + kMr <= args.m; i0 += kMr) Tile<kMr, NR, kBf16>(args, i0, j0);
+  switch (args.m - i0) {
+    case 3: Tile<3, NR, kBf16>(args, i0, j0); break;
+    case 2: Tile<2, NR, kBf16>(args, i0, j0); break;
+    case 1: Tile<1, NR, kBf16>(args, i0, j0); break;
+    default: break;
+  }
+}
+
+template <bool kBf16>
+void Matmul(const MatmulBlockArgs& args) {
+  int64_t j0 = 0;
+  for (; j0 + kNr <= args.n; j0 += kNr) RowTiles<kBf16, kNr>(args, j0);
+  switch (args.n - j0) {
+    case 3: RowTiles<kBf16, 3>(args, j0); break;
+    case 2: RowTiles<kBf16, 2>(args, j0); break;
+    case 1: RowTiles<kBf16, 1>(args, j0); break;
+    default: break;
+  }
+}
+
+inline __m512 LoadWiden(const uint16_t* p, __mmask16 mask) {
+  __m512i v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+}
+inline __m512 LoadWiden(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
+
+inline __mmask16 TailMask(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1);
+}
+
+template <typename T>
+void Dot(const float* q, const T* k, int64_t stride, int64_t rows, int64_t d, float* out) {
+  int64_t j = 0;
+  for (; j + 4 <= rows; j += 4) {
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                     _mm512_setzero_ps()};
+    for (int64_t i = 0; i < d; i += 16) {
+      const __mmask16 mask = TailMask(d - i);
+      const __m512 qv = _mm512_maskz_loadu_ps(mask, q + i);
+      for (int r = 0; r < 4; ++r) {
+        acc[r] = _mm512_fmadd_ps(qv, LoadWiden(k + (j + r) * stride + i, mask), acc[r]);
+      }
+    }
+    _mm_storeu_ps(out + j, Reduce4(acc[0], acc[1], acc[2], acc[3]));
+  }
+  for (; j < rows; ++j) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < d; i += 16) {
+      const __mmask16 mask = TailMask(d - i);
+      acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, q + i),
+                            LoadWiden(k + j * stride + i, mask), acc);
+    }
+    out[j] = _mm512_reduce_add_ps(acc);
+  }
+}
+
+template <typename T>
+void Accumulate(const float* p, const T* v, int64_t stride, int64_t rows, int64_t d,
+                float acc_scale, float* acc) {
+  const __m512 scale = _mm512_set1_ps(acc_scale);
+  for (int64_t i = 0; i < d; i += 16) {
+    const __mmask16 mask = TailMask(d - i);
+    __m512 a = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, acc + i), scale);
+    for (int64_t j = 0; j < rows; ++j) {
+      a = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), LoadWiden(v + j * stride + i, mask), a);
+    }
+    _mm512_mask_storeu_ps(acc + i, mask, a);
+  }
+}
+
+}  // namespace
+
+void MatmulBlock(const MatmulBlockArgs& args) {
+  if (args.w_bf16) {
+    Matmul<true>(args);
+  } else {
+    Matmul<false>(args);
+  }
+}
+
+void ConvertToBf16(const float* in, uint16_t* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(in + i + 16), _mm512_loadu_ps(in + i));
+    _mm512_storeu_si512(out + i, (__m512i)v);
+  }
+  for (; i < n; i += 16) {
+    const __mmask16 mask = TailMask(n - i);
+    __m256bh v = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, in + i));
+    _mm256_mask_storeu_epi16(out + i, mask, (__m256i)v);
+  }
+}
+
+void DotRows(const float* q, const void* k, bool k_bf16, int64_t stride, int64_t rows,
+             int64_t d, float* out) {
+  if (k_bf16) {
+    Dot(q, static_cast<const uint16_t*>(k), stride, rows, d, out);
+  } else {
+    Dot(q, static_cast<const float*>(k), stride, rows, d, out);
+  }
+}
+
+void AccumulateRows(const float* p, const void* v, bool v_bf16, int64_t stride, int64_t rows,
+                    int64_t d, float acc_scale, float* acc) {
+  if (v_bf16) {
+    Accumulate(p, static_cast<const uint16_t*>(v), stride, rows, d, acc_scale, acc);
+  } else {
+    Accumulate(p, static_cast<const float*>(v), stride, rows, d, acc_scale, acc);
+  }
+}
+
+}  // namespace moe::kernels::cpu::internal::avx512
