@@ -3,6 +3,7 @@
 
 #include <array>
 #include <string>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda/cuda_util.h"
@@ -72,6 +73,33 @@ absl::StatusOr<cublasHandle_t> CublasHandle(cudaStream_t stream) {
   }
   MOE_CUBLAS_RETURN_IF_ERROR(cublasSetStream(handle, stream), "cublasSetStream");
   return handle;
+}
+
+absl::StatusOr<StreamBuffer> StreamBuffer::Allocate(size_t bytes, cudaStream_t stream) {
+  StreamBuffer buffer;
+  buffer.stream_ = stream;
+  if (bytes == 0) return buffer;
+  MOE_CUDA_RETURN_IF_ERROR(cudaMallocAsync(&buffer.data_, bytes, stream), "cudaMallocAsync");
+  return buffer;
+}
+
+StreamBuffer::~StreamBuffer() { Release(); }
+
+StreamBuffer::StreamBuffer(StreamBuffer&& other) noexcept
+    : data_(std::exchange(other.data_, nullptr)), stream_(other.stream_) {}
+
+StreamBuffer& StreamBuffer::operator=(StreamBuffer&& other) noexcept {
+  if (this != &other) {
+    Release();
+    data_ = std::exchange(other.data_, nullptr);
+    stream_ = other.stream_;
+  }
+  return *this;
+}
+
+void StreamBuffer::Release() {
+  if (data_ != nullptr) cudaFreeAsync(data_, stream_);
+  data_ = nullptr;
 }
 
 }  // namespace internal
