@@ -16,8 +16,8 @@
 //   returns without waiting, except where noted: Permute with a host expert_offsets view and
 //   ExpertFfn read the per-expert counts back (a stream synchronisation); Embedding with
 //   device ids checks them on the device and reads the verdict back when the stream is not
-//   capturing a graph; the first Rope call per table uploads it (see rope in
-//   elementwise.cu).
+//   capturing a graph; the first Rope call per table uploads it once and caches it per
+//   table (ops.cc), so warm up before capturing a graph.
 // - Errors: kUnavailable when there is no usable CUDA device, kInternal with the CUDA or
 //   cuBLAS error string for failed launches, InvalidArgument/Unimplemented naming the field
 //   for bad or unsupported views (checked on the host before anything is launched).

@@ -408,12 +408,14 @@ TEST_F(CudaKernelsTest, PermuteUnpermute) {
 
 // ---- GEMMs --------------------------------------------------------------------------------
 
-// Tolerance of a GEMM with inputs in [-1, 1] and reduction length k: f32 weights agree to
-// f32 rounding; bf16 weights on more than 8 rows also round the activations to bf16 on the
-// GPU (2^-9 relative per product, random signs), so allow 4 sigma of that.
-float GemmTolerance(DType wtype, int64_t rows, int64_t k) {
-  if (wtype == DType::kF32 || rows <= 8) return 1e-5f * std::sqrt(static_cast<float>(k)) + 1e-6f;
-  return 4.f * std::sqrt(static_cast<float>(k)) / 3.f / 512.f;
+// Absolute tolerance of a GEMM result, relative to its largest magnitude. f32 weights: f32
+// rounding in a different summation order. bf16 weights: either side may round the
+// activations (and the SwiGLU intermediate) to bf16 before the tensor-core/dot-product
+// instructions (2^-9 relative per product), so allow 1.5% of the largest output.
+float GemmTolerance(DType wtype, const Tensor& ref) {
+  float max_abs = 0.f;
+  for (int64_t i = 0; i < ref.numel(); ++i) max_abs = std::max(max_abs, std::fabs(Get(ref, i)));
+  return (wtype == DType::kF32 ? 2e-5f : 1.5e-2f) * max_abs + 1e-5f;
 }
 
 TEST_F(CudaKernelsTest, LinearSmallAndLargeM) {
@@ -438,7 +440,7 @@ TEST_F(CudaKernelsTest, LinearSmallAndLargeM) {
         }
         ASSERT_TRUE(Linear(dev).ok());
         RUN_CPU_REFERENCE(Linear(cpu));
-        ExpectNear(out, dout.Download(), GemmTolerance(wtype, m, kK), 1e-5f, "Linear");
+        ExpectNear(out, dout.Download(), GemmTolerance(wtype, out), 0.f, "Linear");
       }
     }
   }
@@ -465,7 +467,7 @@ TEST_F(CudaKernelsTest, Mlp) {
       SwigluWeights cpu_w{.gate = w[0].view(), .up = w[1].view(), .down = w[2].view()};
       ASSERT_TRUE(Mlp({.x = dx.Dev(), .weights = &dev_w, .out = dout.Dev(), .accumulate = true}).ok());
       RUN_CPU_REFERENCE(Mlp({.x = x.view(), .weights = &cpu_w, .out = out.view(), .accumulate = true}));
-      ExpectNear(out, dout.Download(), 4 * GemmTolerance(wtype, tokens, kHidden), 1e-4f, "Mlp");
+      ExpectNear(out, dout.Download(), GemmTolerance(wtype, out), 0.f, "Mlp");
     }
   }
 }
@@ -505,8 +507,7 @@ TEST_F(CudaKernelsTest, ExpertFfnWithAbsentExperts) {
       RUN_CPU_REFERENCE(ExpertFfn({.x = x.view(), .topk_ids = ids.view(),
                                    .topk_weights = weights.view(), .experts = &cpu_w,
                                    .out = out.view()}));
-      ExpectNear(out, dout.Download(), 4 * GemmTolerance(wtype, tokens, kHidden), 1e-4f,
-                 "ExpertFfn");
+      ExpectNear(out, dout.Download(), GemmTolerance(wtype, out), 0.f, "ExpertFfn");
     }
   }
 }
