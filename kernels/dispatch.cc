@@ -7,6 +7,7 @@
 #endif
 
 namespace moe::kernels {
+#if !MOE_HAVE_CUDA
 namespace {
 
 absl::Status NoCuda(const char* op) {
@@ -15,6 +16,7 @@ absl::Status NoCuda(const char* op) {
 }
 
 }  // namespace
+#endif
 
 #if MOE_HAVE_CUDA
 #define MOE_KERNEL_DISPATCH(Op, OpArgs, device_view)                             \
