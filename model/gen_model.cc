@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <mutex>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -307,8 +308,20 @@ struct Bpe {
   std::vector<std::pair<int, int>> merges;         // in rank order
 };
 
+Bpe LearnBpeUncached(int64_t max_tokens);
+
 // Learns up to `max_tokens` tokens (256 bytes + merges) from the corpus, deterministically.
+// Cached: config and tokenizer generation both need it.
 Bpe LearnBpe(int64_t max_tokens) {
+  static std::mutex mu;
+  static std::map<int64_t, Bpe>* cache = new std::map<int64_t, Bpe>();
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache->find(max_tokens);
+  if (it == cache->end()) it = cache->emplace(max_tokens, LearnBpeUncached(max_tokens)).first;
+  return it->second;
+}
+
+Bpe LearnBpeUncached(int64_t max_tokens) {
   Bpe bpe;
   for (int b = 0; b < 256; ++b) bpe.tokens.push_back(std::string(1, static_cast<char>(b)));
   std::map<std::string, int> id_of;
