@@ -29,14 +29,17 @@ ActivationRows::ActivationRows(const common::TensorView& x, bool bf16) {
 
 void ParallelMatmul(const MatmulBlockArgs& args) {
   const int64_t n_chunks = (args.n + kWeightChunk - 1) / kWeightChunk;
-  const int64_t m_blocks = (args.m + kRowBlock - 1) / kRowBlock;
+  // bf16 with many rows runs the packed-panel kernel, which packs each weight panel once per
+  // call: give it all rows up to kPackedRowBlock so packing is amortised.
+  const int64_t row_block = args.w_bf16 ? kPackedRowBlock : kRowBlock;
+  const int64_t m_blocks = (args.m + row_block - 1) / row_block;
   const size_t wsize = args.w_bf16 ? 2 : 4;
   common::ThreadPool::Default().ParallelFor(
       n_chunks * m_blocks, 1, [&](int64_t begin, int64_t end) {
         std::vector<float*> c_rows;
         for (int64_t item = begin; item < end; ++item) {
           const int64_t mb = item / n_chunks, nc = item % n_chunks;
-          const int64_t i0 = mb * kRowBlock, i1 = std::min(args.m, i0 + kRowBlock);
+          const int64_t i0 = mb * row_block, i1 = std::min(args.m, i0 + row_block);
           const int64_t j0 = nc * kWeightChunk, j1 = std::min(args.n, j0 + kWeightChunk);
           c_rows.resize(i1 - i0);
           for (int64_t i = i0; i < i1; ++i) c_rows[i - i0] = args.c_rows[i] + j0;

@@ -21,6 +21,7 @@ inline constexpr int64_t kWeightChunk = 32;
 // Activation rows per work item for large M (prefill): 128 rows of bf16 K = 1024 is
 // 256 KiB, which stays in L2 while a weight chunk streams past.
 inline constexpr int64_t kRowBlock = 128;
+inline constexpr int64_t kPackedRowBlock = 512;
 
 // Rows of an [M, K] f32 view, converted to bf16 (for bf16 weights) or referenced in place.
 class ActivationRows {

@@ -9,6 +9,15 @@
 // cache blocking and measurements).
 #include <immintrin.h>
 
+#include <utility>
+
+#ifndef MOE_GEMV_PREFETCH
+#define MOE_GEMV_PREFETCH 0
+#endif
+#ifndef MOE_PACKED_MIN_ROWS
+#define MOE_PACKED_MIN_ROWS 32
+#endif
+
 #include "kernels/cpu/internal/simd.h"
 
 namespace moe::kernels::cpu::internal::avx512 {
@@ -16,6 +25,8 @@ namespace {
 
 constexpr int kMr = 4;  // activation rows per tile
 constexpr int kNr = 4;  // weight rows per tile
+// From this many activation rows on, bf16 matmuls use the packed-panel kernel below.
+constexpr int64_t kPackedMinRows = MOE_PACKED_MIN_ROWS;
 
 // Horizontal sums of four vectors: {Σa, Σb, Σc, Σd}.
 inline __m128 Reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
@@ -48,6 +59,9 @@ inline void Tile(const MatmulBlockArgs& args, int64_t i0, int64_t j0) {
       __m512bh av[MR];
       for (int r = 0; r < MR; ++r) av[r] = (__m512bh)_mm512_loadu_si512(a[r] + kk);
       for (int c = 0; c < NR; ++c) {
+#if MOE_GEMV_PREFETCH
+        _mm_prefetch(reinterpret_cast<const char*>(w[c] + kk) + MOE_GEMV_PREFETCH, _MM_HINT_T0);
+#endif
         __m512bh wv = (__m512bh)_mm512_loadu_si512(w[c] + kk);
         for (int r = 0; r < MR; ++r) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], av[r], wv);
       }
@@ -172,10 +186,145 @@ void Accumulate(const float* p, const T* v, int64_t stride, int64_t rows, int64_
   }
 }
 
+// ---- Packed-panel GEMM for many activation rows (prefill) --------------------------------
+//
+// W is packed on the fly, per panel of kPanel = 32 weight rows and kKBlock k's, into
+// k-pair-interleaved form [kKBlock / 2][32][2] (one 32-bit pair per column: two zmm per pair
+// step). The microkernel holds kPackedMr × 32 outputs in 24 accumulators, broadcasts one bf16
+// pair of each activation row and issues 24 vdpbf16ps per k-pair: no horizontal reductions,
+// 2 weight loads per 24 FMAs. The 32 KiB panel stays in L1 while all rows stream past.
+constexpr int kPanel = 32;
+constexpr int kKBlock = 512;  // k's per packed block (even)
+constexpr int kPackedMr = 12;
+
+// Transposes 16 vectors of 16 32-bit values in place: r[i][j] -> r[j][i].
+inline void Transpose16x16(__m512i r[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  // u[4q + e]: rows 4q..4q+3 of element e of each 128-bit lane.
+  for (int q = 0; q < 4; ++q) {
+    u[4 * q + 0] = _mm512_unpacklo_epi64(t[4 * q], t[4 * q + 2]);
+    u[4 * q + 1] = _mm512_unpackhi_epi64(t[4 * q], t[4 * q + 2]);
+    u[4 * q + 2] = _mm512_unpacklo_epi64(t[4 * q + 1], t[4 * q + 3]);
+    u[4 * q + 3] = _mm512_unpackhi_epi64(t[4 * q + 1], t[4 * q + 3]);
+  }
+  for (int e = 0; e < 4; ++e) {
+    const __m512i v0 = _mm512_shuffle_i32x4(u[e], u[4 + e], 0x44);
+    const __m512i v1 = _mm512_shuffle_i32x4(u[e], u[4 + e], 0xee);
+    const __m512i v2 = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0x44);
+    const __m512i v3 = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0xee);
+    r[e] = _mm512_shuffle_i32x4(v0, v2, 0x88);
+    r[4 + e] = _mm512_shuffle_i32x4(v0, v2, 0xdd);
+    r[8 + e] = _mm512_shuffle_i32x4(v1, v3, 0x88);
+    r[12 + e] = _mm512_shuffle_i32x4(v1, v3, 0xdd);
+  }
+}
+
+// dst32[p][c] = pair p of weight row c of the panel, for the ceil((k1 - k0) / 2) pairs of
+// [k0, k1) (zero beyond n rows, and the high half of a last odd k).
+void PackPanel(const uint16_t* w, int64_t ldw, int64_t n, int64_t k0, int64_t k1,
+               uint32_t* dst32) {
+  for (int64_t kk = k0; kk < k1; kk += 32) {  // 16 pairs at a time
+    const int64_t left = k1 - kk;
+    const __mmask32 mask =
+        left >= 32 ? static_cast<__mmask32>(0xffffffffu) : static_cast<__mmask32>((1ull << left) - 1);
+    const int64_t pairs = left >= 32 ? 16 : (left + 1) / 2;
+    uint32_t* dst = dst32 + (kk - k0) / 2 * kPanel;
+    for (int c0 = 0; c0 < kPanel; c0 += 16) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) {
+        r[i] = c0 + i < n ? _mm512_maskz_loadu_epi16(mask, w + (c0 + i) * ldw + kk)
+                          : _mm512_setzero_si512();
+      }
+      Transpose16x16(r);
+      for (int64_t p = 0; p < pairs; ++p) _mm512_store_si512(dst + p * kPanel + c0, r[p]);
+    }
+  }
+}
+
+template <int MR>
+inline void PackedTile(const uint16_t* const* a_rows, int64_t k0, int64_t k1,
+                       const uint32_t* panel, float* const* c_rows, int64_t n,
+                       const float* row_scale, bool overwrite) {
+  __m512 acc[MR][2];
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  const int64_t full = (k1 - k0) / 2;
+  const uint32_t* a32[MR];
+  for (int r = 0; r < MR; ++r) a32[r] = reinterpret_cast<const uint32_t*>(a_rows[r] + k0);
+  for (int64_t p = 0; p < full; ++p) {
+    const __m512bh w0 = (__m512bh)_mm512_load_si512(panel + p * kPanel);
+    const __m512bh w1 = (__m512bh)_mm512_load_si512(panel + p * kPanel + 16);
+    for (int r = 0; r < MR; ++r) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(a32[r][p]));
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, w0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, w1);
+    }
+  }
+  if (full * 2 < k1 - k0) {  // odd k: the last k alone (its pair partner is not read)
+    const __m512bh w0 = (__m512bh)_mm512_load_si512(panel + full * kPanel);
+    const __m512bh w1 = (__m512bh)_mm512_load_si512(panel + full * kPanel + 16);
+    for (int r = 0; r < MR; ++r) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(a_rows[r][k1 - 1]);
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, w0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, w1);
+    }
+  }
+  const __mmask16 m0 = TailMask(n), m1 = TailMask(n - 16 > 0 ? n - 16 : 0);
+  for (int r = 0; r < MR; ++r) {
+    const __m512 scale = _mm512_set1_ps(row_scale != nullptr ? row_scale[r] : 1.0f);
+    float* c = c_rows[r];
+    __m512 v0 = _mm512_mul_ps(acc[r][0], scale), v1 = _mm512_mul_ps(acc[r][1], scale);
+    if (!overwrite) {
+      v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, c));
+      v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, c + 16));
+    }
+    _mm512_mask_storeu_ps(c, m0, v0);
+    _mm512_mask_storeu_ps(c + 16, m1, v1);
+  }
+}
+
+template <int... MRs>
+inline void PackedTileDispatch(int mr, const uint16_t* const* a_rows, int64_t k0, int64_t k1,
+                               const uint32_t* panel, float* const* c_rows, int64_t n,
+                               const float* row_scale, bool overwrite,
+                               std::integer_sequence<int, MRs...>) {
+  ((mr == MRs + 1 ? (PackedTile<MRs + 1>(a_rows, k0, k1, panel, c_rows, n, row_scale, overwrite),
+                     0)
+                  : 0),
+   ...);
+}
+
+void MatmulPacked(const MatmulBlockArgs& args) {
+  alignas(64) static thread_local uint32_t panel[kKBlock / 2 * kPanel];
+  const uint16_t* const* a_rows = reinterpret_cast<const uint16_t* const*>(args.a_rows);
+  const uint16_t* w = static_cast<const uint16_t*>(args.w);
+  for (int64_t j0 = 0; j0 < args.n; j0 += kPanel) {
+    const int64_t n = args.n - j0 < kPanel ? args.n - j0 : kPanel;
+    for (int64_t k0 = 0; k0 < args.k; k0 += kKBlock) {
+      const int64_t k1 = args.k - k0 < kKBlock ? args.k : k0 + kKBlock;
+      PackPanel(w + j0 * args.ldw, args.ldw, n, k0, k1, panel);
+      const bool overwrite = k0 == 0 && !args.accumulate;
+      for (int64_t i0 = 0; i0 < args.m; i0 += kPackedMr) {
+        const int mr = static_cast<int>(args.m - i0 < kPackedMr ? args.m - i0 : kPackedMr);
+        float* c_rows[kPackedMr];
+        for (int r = 0; r < mr; ++r) c_rows[r] = args.c_rows[i0 + r] + j0;
+        PackedTileDispatch(mr, a_rows + i0, k0, k1, panel, c_rows, n,
+                           args.row_scale != nullptr ? args.row_scale + i0 : nullptr, overwrite,
+                           std::make_integer_sequence<int, kPackedMr>());
+      }
+    }
+  }
+}
+
 }  // namespace
 
 void MatmulBlock(const MatmulBlockArgs& args) {
-  if (args.w_bf16) {
+  if (args.w_bf16 && args.m >= kPackedMinRows) {
+    MatmulPacked(args);
+  } else if (args.w_bf16) {
     Matmul<true>(args);
   } else {
     Matmul<false>(args);
