@@ -48,6 +48,7 @@ kernels::RopeScalingParams RopeParams(const ModelConfig& c) {
   p.beta_slow = c.rope.beta_slow;
   p.mscale = c.rope.mscale;
   p.mscale_all_dim = c.rope.mscale_all_dim;
+  p.truncate = c.rope.truncate;
   // The cos/sin multiplier exactly as transformers derives it (ModelConfig knows the rules).
   if (c.rope.scaling == RopeScalingKind::kYarn) p.attention_factor = c.rope.CosSinScale();
   return p;
@@ -149,7 +150,10 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir,
   if (config.clip_qkv > 0.0) {
     return absl::UnimplementedError("config.json: clip_qkv is not supported yet");
   }
-  kernels::SetCpuThreads(options.threads);
+  // Resizing the process-wide pool destroys it, so only when asked for and different.
+  if (options.threads > 0 && options.threads != kernels::CpuThreads()) {
+    kernels::SetCpuThreads(options.threads);
+  }
   std::unique_ptr<Model> m(new Model());
   m->config_ = config;
   WeightsOptions wopts;

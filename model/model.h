@@ -100,7 +100,8 @@ class LocalExpertExecutor : public ExpertExecutor {
 struct ModelOptions {
   // Weight dtype in memory (nullopt: as stored; f16 widened to f32). See WeightsOptions.
   std::optional<common::DType> dtype;
-  // CPU kernel threads (0 = hardware concurrency). Process-wide (kernels::SetCpuThreads).
+  // CPU kernel threads (0 = leave the process-wide pool as it is, by default hardware
+  // concurrency). Process-wide (kernels::SetCpuThreads): set before other threads run kernels.
   int threads = 0;
   KvCacheOptions kv;
   // Routed experts to hold (null = all); see WeightsOptions::experts.

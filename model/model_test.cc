@@ -28,10 +28,25 @@ using ::testing::HasSubstr;
 using common::DType;
 using common::TensorView;
 
+// Temp dirs made by the tests, removed when the test binary ends.
+std::vector<std::string>& TempDirs() {
+  static auto* dirs = new std::vector<std::string>();
+  return *dirs;
+}
+
+class RemoveTempDirs : public ::testing::Environment {
+ public:
+  void TearDown() override {
+    for (const std::string& d : TempDirs()) fs::remove_all(d);
+  }
+};
+const auto* const kRemoveTempDirs = ::testing::AddGlobalTestEnvironment(new RemoveTempDirs);
+
 std::string MakeTempDir() {
   std::string pattern = (fs::temp_directory_path() / "moe-model-test-XXXXXX").string();
   char* dir = mkdtemp(pattern.data());
   EXPECT_NE(dir, nullptr);
+  TempDirs().push_back(pattern);
   return pattern;
 }
 

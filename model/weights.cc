@@ -2,6 +2,7 @@
 
 #include <map>
 
+#include "common/thread_pool.h"
 #include "model/tensor_names.h"
 
 namespace moe::model {
@@ -81,8 +82,10 @@ class ModelWeights::Loader {
   TensorView Convert(const TensorView& src, DType target) {
     w_.owned_.emplace_back(target, src.shape());
     TensorView dst = w_.owned_.back().view();
-    const int64_t n = src.numel();
-    for (int64_t i = 0; i < n; ++i) StoreElement(dst, i, LoadElement(src, i));
+    common::ThreadPool::Default().ParallelFor(
+        src.numel(), /*grain=*/1 << 16, [&](int64_t begin, int64_t end) {
+          for (int64_t i = begin; i < end; ++i) StoreElement(dst, i, LoadElement(src, i));
+        });
     return dst;
   }
 

@@ -31,6 +31,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <iostream>
 #include <map>
 #include <memory>
@@ -567,30 +568,58 @@ constexpr float kBf16RowTolerance = 0.1f;
 constexpr float kBf16FlipBound = 3.0f;
 constexpr double kBf16RowsWithin = 0.9;
 
-TEST_P(GoldenTest, Bf16WeightsPrefillDecodeAndMixedBatch) {
-  if (!HasBf16Fixture(GetParam())) GTEST_SKIP() << "no bf16 fixture for " << GetParam();
-  ASSERT_NO_FATAL_FAILURE(Prepare("golden_bf16.safetensors"));  // bf16 stays bf16
-  ASSERT_EQ(model_->weights().layer(0).attn.o_proj.dtype(), DType::kBF16);
-  const GoldenRun run = RunPrefillThenDecode();
-  ExpectGreedyTokens(run, "bf16 weights");
-  std::vector<float> rows = RowErrors(run.prefill, fixture_.prefill, V());
-  const std::vector<float> decode_rows = RowErrors(run.decode, fixture_.decode, V());
+// Checks a bf16-weight run against fixture_ (a bf16 fixture) by the rules above.
+void ExpectBf16(const GoldenRun& run, const Fixture& fixture, const std::string& what,
+                const std::function<void(const std::string&, float)>& report) {
+  const int64_t v = fixture.vocab;
+  EXPECT_EQ(run.tokens, fixture.greedy) << what << ": greedy tokens differ";
+  std::vector<float> rows = RowErrors(run.prefill, fixture.prefill, v);
+  const std::vector<float> decode_rows = RowErrors(run.decode, fixture.decode, v);
   rows.insert(rows.end(), decode_rows.begin(), decode_rows.end());
-  ASSERT_EQ(rows.size(), fixture_.prompt.size() + fixture_.greedy.size());
+  ASSERT_EQ(rows.size(), fixture.prompt.size() + fixture.greedy.size()) << what;
   int within = 0;
   for (float e : rows) within += e <= kBf16RowTolerance ? 1 : 0;
   std::vector<float> sorted = rows;
   std::sort(sorted.begin(), sorted.end());
-  Report("bf16 weights (all rows)", Max(rows));
-  Report("bf16 weights (90th percentile row)", sorted[sorted.size() * 9 / 10]);
-  std::cout << "[golden] " << GetParam() << " bf16 weights: " << within << " of " << rows.size()
-            << " rows within " << kBf16RowTolerance << "\n";
-  EXPECT_GE(within, kBf16RowsWithin * static_cast<double>(rows.size()));
-  EXPECT_LE(Max(rows), kBf16FlipBound);
-  Report("bf16 weights vs bf16-compute reference",
-         std::max(Max(RowErrors(run.prefill, fixture_.prefill_bf16, V())),
-                  Max(RowErrors(run.decode, fixture_.decode_bf16, V()))));
+  report(what + " (all rows)", Max(rows));
+  report(what + " (90th percentile row)", sorted[sorted.size() * 9 / 10]);
+  std::cout << "[golden] " << fixture.arch << " " << what << ": " << within << " of "
+            << rows.size() << " rows within " << kBf16RowTolerance << "\n";
+  EXPECT_GE(within, kBf16RowsWithin * static_cast<double>(rows.size())) << what;
+  EXPECT_LE(Max(rows), kBf16FlipBound) << what;
+  report(what + " vs bf16-compute reference",
+         std::max(Max(RowErrors(run.prefill, fixture.prefill_bf16, v)),
+                  Max(RowErrors(run.decode, fixture.decode_bf16, v))));
+}
+
+TEST_P(GoldenTest, Bf16WeightsPrefillDecodeAndMixedBatch) {
+  if (!HasBf16Fixture(GetParam())) GTEST_SKIP() << "no bf16 fixture for " << GetParam();
+  ASSERT_NO_FATAL_FAILURE(Prepare("golden_bf16.safetensors"));  // bf16 stays bf16
+  ASSERT_EQ(model_->weights().layer(0).attn.o_proj.dtype(), DType::kBF16);
+  const ModelConfig& c = model_->config();
+  const size_t absorbed = c.attention == AttentionKind::kMla
+                              ? static_cast<size_t>(c.num_layers) * c.num_heads *
+                                    c.mla.kv_lora_rank * c.mla.qk_nope_head_dim * 2
+                              : 0;
+  EXPECT_EQ(model_->weights().owned_bytes(), absorbed)
+      << "bf16 weights are views of the mapping; only MLA's transposed W_UK is a copy";
+  const GoldenRun run = RunPrefillThenDecode();
+  auto report = [this](const std::string& what, float e) { Report(what, e); };
+  ExpectBf16(run, fixture_, "bf16 weights", report);
   ExpectSameAs(RunMixedBatch(), run, "bf16 weights mixed batch");
+}
+
+// The f32 checkpoint converted to bf16 on load (--dtype bf16). gen-model's bf16 checkpoint
+// is the f32 one rounded to nearest even, so this must behave as the bf16 fixture.
+TEST_P(GoldenTest, F32CheckpointConvertedToBf16) {
+  if (!HasBf16Fixture(GetParam())) GTEST_SKIP() << "no bf16 fixture for " << GetParam();
+  ASSERT_NO_FATAL_FAILURE(Prepare("golden_f32.safetensors", {.dtype = DType::kBF16}));
+  ASSERT_EQ(model_->weights().layer(0).attn.o_proj.dtype(), DType::kBF16);
+  absl::StatusOr<Fixture> bf16 = ReadFixture(GetParam(), "golden_bf16.safetensors");
+  ASSERT_TRUE(bf16.ok()) << bf16.status();
+  ASSERT_EQ(bf16->prompt, fixture_.prompt);
+  auto report = [this](const std::string& what, float e) { Report(what, e); };
+  ExpectBf16(RunPrefillThenDecode(), *bf16, "f32 checkpoint as bf16", report);
 }
 
 INSTANTIATE_TEST_SUITE_P(Architectures, GoldenTest,
