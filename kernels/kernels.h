@@ -7,7 +7,9 @@
 //
 // Conventions
 // - Activations are f32. Weights are f32 or bf16 (Args say which ops accept which); bf16
-//   weights stay bf16 in memory and are widened inside the kernel with f32 accumulation.
+//   weights stay bf16 in memory. A product with bf16 weights rounds its f32 input rows to
+//   bf16 and accumulates in f32 (AVX512-BF16 dot products on the CPU, tensor cores on CUDA),
+//   as bf16 inference does everywhere; with f32 weights everything is f32.
 // - Shapes are written next to each field: [tokens, hidden] etc. Row-major; a view may have
 //   a larger row stride than its width (strides()[0]) unless the field says contiguous.
 // - Linear weights use the checkpoint layout [out_features, in_features] (PyTorch nn.Linear).
