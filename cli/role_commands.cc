@@ -1,8 +1,25 @@
 // serve, frontend, attention, expert, scheduler and bench: the long-running roles.
+#include <pthread.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
 #include "cli/commands.h"
 #include "common/logging.h"
 #include "common/version.h"
 #include "config/config.h"
+#include "model/gen_model.h"
+#include "model/model.h"
+#include "model/tokenizer.h"
+#include "server/chat_template.h"
+#include "server/engine.h"
+#include "server/http_server.h"
 
 namespace moe::cli {
 namespace {
@@ -65,6 +82,201 @@ int RunRole(const std::string& name, const std::string& usage, const std::string
   return NotImplemented(name, "the " + name + " role is not built yet", err);
 }
 
+
+// ---- serve: every role in this process ----
+
+std::string DefaultCacheDir() {
+  if (const char* xdg = std::getenv("XDG_CACHE_HOME"); xdg != nullptr && *xdg != '\0') {
+    return std::string(xdg) + "/moe-serve";
+  }
+  if (const char* home = std::getenv("HOME"); home != nullptr && *home != '\0') {
+    return std::string(home) + "/.cache/moe-serve";
+  }
+  return "/tmp/moe-serve-cache";
+}
+
+// The tiny default model, generated once into the cache (written to a temporary folder and
+// renamed, so a concurrent or interrupted run never leaves half a model behind).
+absl::StatusOr<std::string> DefaultModelDir(const std::string& cache_dir) {
+  namespace fs = std::filesystem;
+  const std::string dir = (cache_dir.empty() ? DefaultCacheDir() : cache_dir) + "/tiny-qwen3_moe";
+  std::error_code ec;
+  if (fs::exists(dir + "/config.json", ec)) return dir;
+  const std::string tmp = absl::StrCat(dir, ".tmp.", getpid());
+  fs::create_directories(tmp, ec);
+  if (ec) return absl::PermissionDeniedError(absl::StrCat("cannot create ", tmp, ": ", ec.message()));
+  MOE_LOG(INFO) << "generating the tiny default model" << common::Kv("dir", dir);
+  absl::StatusOr<model::GenModelResult> made =
+      model::GenerateModel({.arch = "qwen3_moe", .preset = "tiny", .seed = 0, .out_dir = tmp});
+  if (!made.ok()) {
+    fs::remove_all(tmp, ec);
+    return common::Annotate(made.status(), "generating the default model");
+  }
+  fs::rename(tmp, dir, ec);
+  if (ec) {
+    fs::remove_all(tmp, ec);
+    if (!fs::exists(dir + "/config.json")) {
+      return absl::InternalError(absl::StrCat("cannot move the model to ", dir));
+    }
+  }
+  return dir;
+}
+
+double MemAvailableBytes() {
+  std::ifstream meminfo("/proc/meminfo");
+  std::string key;
+  double kb = 0;
+  std::string unit;
+  while (meminfo >> key >> kb >> unit) {
+    if (key == "MemAvailable:") return kb * 1024.0;
+  }
+  return 1024.0 * 1024 * 1024;
+}
+
+// KV blocks: kv_cache.num_blocks, else as many as fit in memory_bytes (or memory_fraction of
+// the available memory) but no more than max_num_seqs full-length sequences need.
+absl::StatusOr<int64_t> KvBlocks(const config::DeploymentConfig& d, const model::ModelConfig& mc,
+                                 int64_t max_model_len) {
+  if (d.kv_cache.num_blocks > 0) return d.kv_cache.num_blocks;
+  const int64_t bs = d.kv_cache.block_size;
+  MOE_ASSIGN_OR_RETURN(auto one, model::KvCache::Create(mc, {.num_blocks = 1,
+                                                              .block_size = static_cast<int>(bs)}));
+  const double per_block = static_cast<double>(one->bytes());
+  const double budget = d.kv_cache.memory_bytes > 0 ? static_cast<double>(d.kv_cache.memory_bytes)
+                                                    : d.kv_cache.memory_fraction * MemAvailableBytes();
+  const int64_t needed = d.batching.max_num_seqs * ((max_model_len + bs - 1) / bs);
+  const int64_t fit = static_cast<int64_t>(budget / per_block);
+  const int64_t blocks = std::min(fit, needed);
+  if (blocks < (max_model_len + bs - 1) / bs) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "the KV cache budget (", budget, " bytes) does not hold one sequence of ", max_model_len,
+        " tokens; raise kv_cache.memory_bytes or lower model.max_model_len"));
+  }
+  return blocks;
+}
+
+sigset_t ShutdownSignals() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGTERM);
+  return set;
+}
+
+absl::Status Serve(const config::DeploymentConfig& d, const std::string& cache_dir) {
+  // Signals are taken by sigwait below; block them before any thread starts so none of the
+  // server's threads is interrupted by them.
+  sigset_t signals = ShutdownSignals();
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  std::string served_name = d.model.served_name;
+  if (served_name.empty()) {
+    served_name = d.model.path.empty()
+                      ? "tiny"
+                      : std::filesystem::path(d.model.path).lexically_normal().filename().string();
+    if (served_name.empty()) {
+      served_name = std::filesystem::path(d.model.path).parent_path().filename().string();
+    }
+  }
+  // The HTTP server comes up first and answers 503 on /health while the model loads.
+  server::HttpServer http({.host = d.server.host,
+                           .port = d.server.http_port,
+                           .api_key = d.server.api_key,
+                           .max_body_bytes = d.server.max_body_bytes,
+                           .served_model_name = served_name,
+                           .num_threads = static_cast<int>(
+                               std::clamp<int64_t>(d.batching.max_num_seqs + 16, 32, 1024))});
+  MOE_ASSIGN_OR_RETURN(int port, http.Bind());
+  http.Start();
+  MOE_LOG(INFO) << "moe-serve " << MOE_SERVE_VERSION << " listening on http://" << d.server.host
+                << ":" << port << " (loading)";
+
+  std::string dir = d.model.path;
+  if (dir.empty()) {
+    MOE_ASSIGN_OR_RETURN(dir, DefaultModelDir(cache_dir));
+  }
+  MOE_ASSIGN_OR_RETURN(std::unique_ptr<model::Tokenizer> tokenizer,
+                       model::Tokenizer::FromDirectory(dir));
+  // Sizing needs the config before the cache exists: load once with a tiny cache to read
+  // it, then for real. Loading maps the weights, so the first load is cheap.
+  model::ModelOptions mopts;
+  mopts.dtype = d.model.dtype;
+  mopts.threads = static_cast<int>(d.threads);
+  mopts.kv = {.num_blocks = 1, .block_size = static_cast<int>(d.kv_cache.block_size)};
+  MOE_ASSIGN_OR_RETURN(std::unique_ptr<model::Model> probe, model::Model::Load(dir, mopts));
+  const model::ModelConfig mc = probe->config();
+  probe.reset();
+  int64_t max_model_len = mc.max_position_embeddings;
+  if (d.model.max_model_len > 0) max_model_len = std::min(max_model_len, d.model.max_model_len);
+  MOE_ASSIGN_OR_RETURN(int64_t num_blocks, KvBlocks(d, mc, max_model_len));
+  mopts.kv.num_blocks = static_cast<int>(num_blocks);
+  mopts.initial_batch_tokens = static_cast<int>(
+      std::min<int64_t>(d.batching.max_num_batched_tokens, 512));
+  MOE_ASSIGN_OR_RETURN(std::unique_ptr<model::Model> model, model::Model::Load(dir, mopts));
+
+  std::optional<server::ChatTemplate> chat_template;
+  if (!tokenizer->chat_template().empty()) {
+    absl::StatusOr<server::ChatTemplate> parsed =
+        server::ChatTemplate::Parse(tokenizer->chat_template());
+    if (parsed.ok()) {
+      chat_template = *std::move(parsed);
+    } else {
+      MOE_LOG(WARNING) << "the model's chat template does not parse; /v1/chat/completions is off: "
+                       << parsed.status().message();
+    }
+  }
+
+  server::EngineOptions eopts;
+  eopts.scheduler = {.max_num_seqs = static_cast<int>(d.batching.max_num_seqs),
+                     .max_num_batched_tokens = static_cast<int>(d.batching.max_num_batched_tokens),
+                     .enable_chunked_prefill = d.batching.enable_chunked_prefill,
+                     .max_model_len = static_cast<int>(max_model_len),
+                     .max_waiting = static_cast<int>(d.batching.max_waiting_requests),
+                     .block_size = static_cast<int>(d.kv_cache.block_size),
+                     .num_blocks = static_cast<int>(num_blocks)};
+  eopts.tokenizer = tokenizer.get();
+  eopts.eos_ids = tokenizer->eos_ids();
+  for (int64_t id : mc.eos_token_ids) {
+    if (std::find(eopts.eos_ids.begin(), eopts.eos_ids.end(), id) == eopts.eos_ids.end()) {
+      eopts.eos_ids.push_back(static_cast<int32_t>(id));
+    }
+  }
+  eopts.vocab_size = static_cast<int32_t>(std::min<int64_t>(mc.vocab_size, tokenizer->vocab_size()));
+  // The seam where an expert-parallel deployment puts a gRPC client to remote attention
+  // workers instead.
+  MOE_ASSIGN_OR_RETURN(std::unique_ptr<server::Engine> engine,
+                       server::Engine::Create(std::move(eopts),
+                           std::make_unique<server::InProcessAttentionWorker>(*model)));
+  http.SetBackend({.engine = engine.get(),
+                   .tokenizer = tokenizer.get(),
+                   .chat_template = std::move(chat_template),
+                   .max_model_len = static_cast<int>(max_model_len)});
+  MOE_LOG(INFO) << "serving " << served_name << " on http://" << d.server.host << ":" << port
+                << common::Kv("model", dir) << common::Kv("max_model_len", max_model_len)
+                << common::Kv("kv_blocks", num_blocks);
+
+  int sig = 0;
+  sigwait(&signals, &sig);
+  MOE_LOG(INFO) << "signal " << sig << ": draining" << common::Kv("requests", engine->num_unfinished())
+                << common::Kv("timeout_s", d.server.drain_timeout_s);
+  http.StartDraining();
+  // Closes the listener now; returns once every handler has finished.
+  std::thread stopper([&http] { http.Stop(); });
+  const auto deadline = std::chrono::steady_clock::now() +
+                        std::chrono::duration<double>(d.server.drain_timeout_s);
+  while (engine->num_unfinished() > 0 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  if (engine->num_unfinished() > 0) {
+    MOE_LOG(WARNING) << "drain timeout: aborting " << engine->num_unfinished() << " requests";
+    engine->AbortAll();
+  }
+  stopper.join();
+  engine->Stop();
+  MOE_LOG(INFO) << "stopped";
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 int RunServe(const Args& args, std::ostream& out, std::ostream& err) {
@@ -82,6 +294,10 @@ int RunServe(const Args& args, std::ostream& out, std::ostream& err) {
   flags.AddInt("port", &port, "HTTP port");
   flags.AddInt("grpc-port", &grpc_port, "gRPC port");
   flags.AddBool("local-cluster", &local_cluster, "spawn every role as its own process on loopback");
+  std::string cache_dir;
+  flags.AddString("cache-dir", &cache_dir,
+                  "where the default model is generated (default $XDG_CACHE_HOME/moe-serve or "
+                  "~/.cache/moe-serve)");
   if (int rc = ParseFlagsOrExit(flags, args, out, err); rc >= 0) return rc;
   std::vector<std::string> flag_overrides;
   if (flags.WasSet("model")) flag_overrides.push_back("model.path=" + model);
@@ -94,7 +310,16 @@ int RunServe(const Args& args, std::ostream& out, std::ostream& err) {
       rc >= 0) {
     return rc;
   }
-  return NotImplemented("serve", "the serving frontend is not built yet", err);
+  if (local_cluster) {
+    return NotImplemented("serve --local-cluster", "roles as separate processes come with gRPC",
+                          err);
+  }
+  absl::Status status = Serve(deployment, cache_dir);
+  if (!status.ok()) {
+    err << "moe-serve serve: " << status.message() << "\n";
+    return status.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
+  }
+  return 0;
 }
 
 int RunFrontend(const Args& args, std::ostream& out, std::ostream& err) {

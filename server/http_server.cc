@@ -585,9 +585,14 @@ void HttpServer::Handlers::Completions(const httplib::Request& req, httplib::Res
       std::string text = TokenText(t.id);
       lp["tokens"].push_back(text);
       lp["token_logprobs"].push_back(t.logprob);
+      // Distinct tokens can share a text (byte pieces of one character all read U+FFFD);
+      // a key keeps its best logprob.
       json top = json::object();
-      top[text] = t.logprob;
-      for (const model::CandidateLogprob& c : t.top_logprobs) top[TokenText(c.token)] = c.logprob;
+      auto put = [&top](const std::string& key, float logprob) {
+        if (!top.contains(key) || top[key].get<float>() < logprob) top[key] = logprob;
+      };
+      put(text, t.logprob);
+      for (const model::CandidateLogprob& c : t.top_logprobs) put(TokenText(c.token), c.logprob);
       lp["top_logprobs"].push_back(std::move(top));
       lp["text_offset"].push_back(*offset);
       *offset += static_cast<int>(text.size());
