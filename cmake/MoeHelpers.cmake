@@ -4,19 +4,21 @@
 #   moe_cc_test(NAME config_test SRCS config_test.cc DEPS moe_config LABELS unit)
 #
 # Every library gets the repository root as its include directory so that headers are
-# included by their path in the repo ("common/status.h").
+# included by their path in the repo ("common/status.h"). The build directory is not added
+# (only moe_proto exports its generated headers), so compile lines are the same in every
+# build tree and ccache can share objects between them.
 include_guard(GLOBAL)
 
 function(moe_cc_library)
   cmake_parse_arguments(ARG "" "NAME" "SRCS;PUBLIC;PRIVATE" ${ARGN})
   if(ARG_SRCS)
     add_library(${ARG_NAME} STATIC ${ARG_SRCS})
-    target_include_directories(${ARG_NAME} PUBLIC ${PROJECT_SOURCE_DIR} ${PROJECT_BINARY_DIR})
+    target_include_directories(${ARG_NAME} PUBLIC ${PROJECT_SOURCE_DIR})
     target_link_libraries(${ARG_NAME} PUBLIC ${ARG_PUBLIC} PRIVATE ${ARG_PRIVATE})
     target_compile_options(${ARG_NAME} PRIVATE ${MOE_WARNING_FLAGS})
   else()
     add_library(${ARG_NAME} INTERFACE)
-    target_include_directories(${ARG_NAME} INTERFACE ${PROJECT_SOURCE_DIR} ${PROJECT_BINARY_DIR})
+    target_include_directories(${ARG_NAME} INTERFACE ${PROJECT_SOURCE_DIR})
     target_link_libraries(${ARG_NAME} INTERFACE ${ARG_PUBLIC})
   endif()
 endfunction()
