@@ -25,7 +25,10 @@
 //     using an attribute of it is an error).
 //
 // Not supported (Parse fails with a message naming the construct): `extends`, `block`,
-// `include`, `import`, `call` blocks, recursive loops, `%`-formatting of strings.
+// `include`, `import`, `call` and `filter` blocks, filters on `{% set %}` blocks, recursive
+// loops, `*args`/`**kwargs` in calls. Also: `%`-formatting knows only %s %r %d %i %f,
+// `str.format` no format specs, case mapping covers ASCII/Latin-1/Greek/Cyrillic, dict keys
+// are strings, integers are 64-bit (overflow is an error).
 //
 // Threads: a ChatTemplate is immutable after Parse; any number of threads may call Render()
 // on the same object concurrently. Copies share the parsed program.
