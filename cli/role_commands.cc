@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "bench/load_generator.h"
 #include "cli/commands.h"
 #include "common/logging.h"
 #include "common/version.h"
@@ -259,9 +260,8 @@ absl::Status Serve(const config::DeploymentConfig& d, const std::string& cache_d
   sigwait(&signals, &sig);
   MOE_LOG(INFO) << "signal " << sig << ": draining" << common::Kv("requests", engine->num_unfinished())
                 << common::Kv("timeout_s", d.server.drain_timeout_s);
+  // New requests get 503 from here on; the running ones finish or are cut at the deadline.
   http.StartDraining();
-  // Closes the listener now; returns once every handler has finished.
-  std::thread stopper([&http] { http.Stop(); });
   const auto deadline = std::chrono::steady_clock::now() +
                         std::chrono::duration<double>(d.server.drain_timeout_s);
   while (engine->num_unfinished() > 0 && std::chrono::steady_clock::now() < deadline) {
@@ -271,7 +271,14 @@ absl::Status Serve(const config::DeploymentConfig& d, const std::string& cache_d
     MOE_LOG(WARNING) << "drain timeout: aborting " << engine->num_unfinished() << " requests";
     engine->AbortAll();
   }
-  stopper.join();
+  // Let the handlers write the last events ("abort" included) and [DONE] before the
+  // listener closes (cpp-httplib cuts streams still being written when it stops).
+  const auto flush_deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while ((engine->num_unfinished() > 0 || http.num_active() > 0) &&
+         std::chrono::steady_clock::now() < flush_deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  http.Stop();
   engine->Stop();
   MOE_LOG(INFO) << "stopped";
   return absl::OkStatus();
@@ -339,13 +346,17 @@ int RunScheduler(const Args& args, std::ostream& out, std::ostream& err) {
 }
 
 int RunBench(const Args& args, std::ostream& out, std::ostream& err) {
-  common::FlagSet flags("moe-serve bench --url URL [flags]",
-                        "Load generator against a running moe-serve (or any OpenAI-compatible "
-                        "server on loopback).");
-  std::string url = "http://127.0.0.1:8000";
-  flags.AddString("url", &url, "server base URL");
+  common::FlagSet flags(
+      "moe-serve bench [--url URL] [flags]",
+      "Load generator against a running moe-serve (or any OpenAI-compatible server on\n"
+      "loopback), like `vllm bench serve`: synthetic prompts, streamed answers, TTFT, TPOT,\n"
+      "ITL and E2E latency. Bounded by --num-prompts, --concurrency <= 128 and\n"
+      "--max-duration-s; non-loopback hosts need --allow-remote. See bench/README.md.");
+  bench::LoadOptions options;
+  std::string json_path;
+  bench::AddLoadFlags(flags, &options, &json_path);
   if (int rc = ParseFlagsOrExit(flags, args, out, err); rc >= 0) return rc;
-  return NotImplemented("bench", "the load generator is not built yet", err);
+  return bench::RunLoadCommand(options, json_path, isatty(STDOUT_FILENO) != 0, out, err);
 }
 
 int RunVersion(const Args& args, std::ostream& out, std::ostream& err) {

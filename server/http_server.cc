@@ -648,6 +648,7 @@ void HttpServer::Handlers::Completions(const httplib::Request& req, httplib::Res
   std::shared_ptr<StreamGroup> g = *group;
   const bool include_usage = common->include_usage;
   res.set_header("Cache-Control", "no-cache");
+  s_.active_.fetch_add(1);  // until the releaser runs
   res.set_chunked_content_provider(
       "text/event-stream",
       [=, this](size_t, httplib::DataSink& sink) {
@@ -698,8 +699,9 @@ void HttpServer::Handlers::Completions(const httplib::Request& req, httplib::Res
         sink.done();
         return true;
       },
-      [g, state](bool success) {
+      [this, g, state](bool success) {
         if (!success || !state->finished) g->CancelAll();
+        s_.active_.fetch_sub(1);
       });
 }
 
@@ -806,6 +808,7 @@ void HttpServer::Handlers::ChatCompletions(const httplib::Request& req,
   std::shared_ptr<StreamGroup> g = *group;
   const bool include_usage = common->include_usage;
   res.set_header("Cache-Control", "no-cache");
+  s_.active_.fetch_add(1);  // until the releaser runs
   res.set_chunked_content_provider(
       "text/event-stream",
       [=, this](size_t, httplib::DataSink& sink) {
@@ -856,8 +859,9 @@ void HttpServer::Handlers::ChatCompletions(const httplib::Request& req,
         sink.done();
         return true;
       },
-      [g, state](bool success) {
+      [this, g, state](bool success) {
         if (!success || !state->finished) g->CancelAll();
+        s_.active_.fetch_sub(1);
       });
 }
 
@@ -865,7 +869,11 @@ void HttpServer::Handlers::Register(httplib::Server& svr) {
   using Req = const httplib::Request&;
   using Res = httplib::Response&;
   auto wrap = [this](void (Handlers::*fn)(Req, Res)) {
-    return [this, fn](Req req, Res res) { (this->*fn)(req, res); };
+    return [this, fn](Req req, Res res) {
+      s_.active_.fetch_add(1);
+      (this->*fn)(req, res);
+      s_.active_.fetch_sub(1);
+    };
   };
   auto not_allowed = [](Req req, Res res) {
     SendError(res, 405, absl::StrCat("method ", req.method, " is not allowed on ", req.path));

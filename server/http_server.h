@@ -19,8 +19,8 @@
 //
 // Lifecycle: construct, Bind() (the port, also when 0 was asked), Start() (accepting;
 // answers 503 until SetBackend), SetBackend() once the model is loaded, StartDraining()
-// (503 for new requests, in-flight ones go on), Stop() (closes the listener, waits for the
-// handler threads). The Engine and Tokenizer passed to SetBackend must outlive Stop().
+// (503 for new requests, in-flight ones go on), Stop() once num_active() is 0 (closes the
+// listener, waits for the handler threads). The Engine and Tokenizer passed to SetBackend must outlive Stop().
 //
 //   HttpServer http({.host = "127.0.0.1", .port = 0, .served_model_name = "tiny"});
 //   MOE_ASSIGN_OR_RETURN(int port, http.Bind());
@@ -81,7 +81,10 @@ class HttpServer {
   void SetBackend(HttpBackend backend);
   // New requests get 503; requests in flight go on.
   void StartDraining() { state_.store(State::kDraining); }
-  // Stops accepting and waits for every handler to return. Idempotent.
+  // Requests being handled, streaming responses included until their last byte is written.
+  int num_active() const { return active_.load(); }
+  // Closes the listener and waits for every handler to return. cpp-httplib cuts streaming
+  // responses that are still being written, so drain first (num_active() == 0). Idempotent.
   void Stop();
 
  private:
@@ -92,6 +95,7 @@ class HttpServer {
   std::unique_ptr<httplib::Server> server_;
   std::unique_ptr<Handlers> handlers_;
   std::atomic<State> state_{State::kLoading};
+  std::atomic<int> active_{0};
   HttpBackend backend_;  // written once before state_ becomes kServing
   std::thread listen_thread_;
   bool stopped_ = false;
