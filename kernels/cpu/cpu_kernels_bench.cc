@@ -15,8 +15,11 @@
 #include <set>
 #include <vector>
 
+#include <immintrin.h>
+
 #include "benchmark/benchmark.h"
 #include "common/dtype.h"
+#include "common/thread_pool.h"
 #include "common/tensor.h"
 #include "kernels/kernels.h"
 
@@ -48,6 +51,47 @@ void SetCounters(benchmark::State& state, double bytes, double flops) {
   state.counters["GFLOP/s"] = benchmark::Counter(
       flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
 }
+
+// Baseline: a plain AVX-512 read of the same rotating 8 MiB buffers on the kernels' thread pool
+// (64 KiB chunks), i.e. what streaming weights can reach under the current conditions. The
+// kernels' weight_GB/s divided by this is their fraction of achievable bandwidth even when
+// the machine is not idle; machine_limits.json has the quiet-machine limit.
+__attribute__((target("avx512f"))) float ReadSum(const float* p, int64_t n) {
+  __m512 acc[8];
+  for (auto& a : acc) a = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 128) {
+    for (int j = 0; j < 8; ++j) acc[j] = _mm512_add_ps(acc[j], _mm512_load_ps(p + i + 16 * j));
+  }
+  for (int j = 1; j < 8; ++j) acc[0] = _mm512_add_ps(acc[0], acc[j]);
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, acc[0]);
+  float sum = 0.0f;
+  for (float v : lanes) sum += v;
+  return sum;
+}
+
+void BM_ReadBaseline(benchmark::State& state) {
+  if (!__builtin_cpu_supports("avx512f")) {
+    state.SkipWithError("no AVX-512");
+    return;
+  }
+  const int64_t bytes = int64_t{8} << 20, chunk = int64_t{64} << 10;
+  const int copies = static_cast<int>(kRotateBytes / bytes);
+  std::vector<Tensor> buffers;
+  for (int i = 0; i < copies; ++i) buffers.push_back(RandomTensor(DType::kF32, {bytes / 4}, i));
+  int next = 0;
+  std::vector<float> sums(bytes / chunk);
+  for (auto _ : state) {
+    const float* data = buffers[next].data_as<float>();
+    common::ThreadPool::Default().ParallelFor(bytes / chunk, 1, [&](int64_t b, int64_t e) {
+      for (int64_t c = b; c < e; ++c) sums[c] = ReadSum(data + c * chunk / 4, chunk / 4);
+    });
+    benchmark::DoNotOptimize(sums.data());
+    next = (next + 1) % copies;
+  }
+  SetCounters(state, static_cast<double>(bytes), 0.0);
+}
+BENCHMARK(BM_ReadBaseline)->UseRealTime()->MinTime(0.5);
 
 // Linear bf16: args M, N (K = 1024).
 void BM_LinearBf16(benchmark::State& state) {
