@@ -110,6 +110,8 @@ struct Action {
     kCapacityError,
     // A rebalance was planned as `epoch` (numbers in `message`; count moe_rebalances_total).
     kRebalance,
+    // The epoch being prepared was given up (`message` says why); a newer one follows.
+    kEpochAbandoned,
   };
   Kind kind = Kind::kPrepare;
   pb::Role role = pb::ROLE_EXPERT;
@@ -118,6 +120,7 @@ struct Action {
   uint64_t epoch = 0;
   std::shared_ptr<const PlacementTable> table;  // kPrepare
   std::vector<int32_t> ranks;                   // kStartupTimeout
+  int64_t moved_replicas = 0;                   // kRebalance
   std::string message;
 
   // One line for logs and test scripts, e.g. "prepare epoch=2 rank=1".
@@ -222,6 +225,7 @@ class Membership {
   std::shared_ptr<const PlacementIndex> committed_index_;
   double last_imbalance_ = 0.0;
   uint64_t rebalances_ = 0;
+  int64_t moved_replicas_ = 0;
 };
 
 }  // namespace moe::scheduler
