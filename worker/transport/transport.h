@@ -98,8 +98,9 @@ class Transport {
   // The combine of `call`, [n, H] f32, or the typed error above. Returns by `deadline` or by
   // the transport's dispatch timeout after Send, whichever comes first. Consumes the call id:
   // a second Wait on it is kInvalidArgument.
-  virtual absl::StatusOr<common::Tensor> Wait(CallId call,
-                                              absl::Time deadline = absl::InfiniteFuture()) = 0;
+  virtual absl::StatusOr<common::Tensor> Wait(CallId call, absl::Time deadline) = 0;
+  // Wait bounded by the dispatch timeout alone.
+  absl::StatusOr<common::Tensor> Wait(CallId call) { return Wait(call, absl::InfiniteFuture()); }
 };
 
 // The serving side: an expert rank (or a test double) that turns dispatches into combines.
