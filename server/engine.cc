@@ -381,6 +381,10 @@ void Engine::Loop() {
         input.step_id = next_step_id_++;
         input.freed_seq_ids.swap(pending_free_);
         (void)worker_->Step(input);
+      } else if (scheduler_.has_work()) {
+        // Work that cannot be scheduled now (should not happen: a sequence that can never
+        // fit is dropped); do not spin.
+        absl::SleepFor(absl::Milliseconds(1));
       }
       UpdateGauges();
       continue;

@@ -4,6 +4,7 @@ import json
 import re
 import signal
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -148,3 +149,27 @@ def test_graceful_shutdown_aborts_after_drain_timeout(cache_dir):
         assert set(finishes) <= {"abort", "length"}, finishes
     finally:
         s.stop()
+
+
+def test_client_disconnect_cancels_stream(server):
+    def aborted():
+        text = requests.get(server.url + "/metrics", timeout=10).text
+        return metric_value(text, "moe_request_success_total", '{finished_reason="abort"}') or 0
+
+    before = aborted()
+    for i in range(3):
+        body = json.dumps({"prompt": f"gone {i}", "max_tokens": 480, "ignore_eos": True,
+                           "stream": True}).encode()
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: "
+                     + str(len(body)).encode() + b"\r\n\r\n" + body)
+        got = b""
+        while b"data: " not in got:
+            got += sock.recv(4096)
+        sock.close()  # the client goes away mid-stream
+    deadline = time.time() + 10
+    while aborted() < before + 1 and time.time() < deadline:
+        time.sleep(0.05)
+    assert aborted() >= before + 1
+    assert requests.get(server.url + "/health", timeout=10).status_code == 200
