@@ -12,12 +12,15 @@
 #include "absl/strings/str_cat.h"
 #include "bench/load_generator.h"
 #include "cli/commands.h"
+#include "common/dtype.h"
 #include "common/logging.h"
 #include "common/version.h"
 #include "config/config.h"
 #include "model/gen_model.h"
 #include "model/model.h"
+#include "model/model_config.h"
 #include "model/tokenizer.h"
+#include "scheduler/scheduler_service.h"
 #include "server/chat_template.h"
 #include "server/engine.h"
 #include "server/http_server.h"
@@ -340,9 +343,106 @@ int RunExpert(const Args& args, std::ostream& out, std::ostream& err) {
   return RunRole("expert", "--config FILE --rank N [flags]", "Runs one expert worker rank.",
                  args, out, err);
 }
+namespace {
+
+// What the scheduler role needs from the deployment file and the model's config.json.
+absl::StatusOr<scheduler::SchedulerServerOptions> SchedulerOptions(
+    const config::DeploymentConfig& d, int64_t startup_timeout_ms, int64_t prepare_timeout_ms) {
+  const std::string& address = d.roles.scheduler.address;
+  const size_t colon = address.rfind(':');
+  if (address == config::kInProcess || colon == std::string::npos) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "roles.scheduler.address: \"", address,
+        "\" is not host:port; the scheduler role runs as its own process"));
+  }
+  std::string dir = d.model.path;
+  if (dir.empty()) {
+    MOE_ASSIGN_OR_RETURN(dir, DefaultModelDir(""));
+  }
+  MOE_ASSIGN_OR_RETURN(model::ModelConfig mc, model::LoadModelConfig(dir));
+  scheduler::SchedulerServerOptions o;
+  scheduler::MembershipOptions& m = o.membership;
+  for (int layer = 0; layer < mc.num_layers; ++layer) {
+    if (mc.IsMoeLayer(layer)) m.model.moe_layers.push_back(layer);
+  }
+  m.model.num_experts = mc.moe.num_experts;
+  // gate, up [expert_intermediate, hidden] and down [hidden, expert_intermediate]
+  m.model.expert_bytes = {static_cast<uint64_t>(3 * mc.hidden_size *
+                                                mc.moe.expert_intermediate_size *
+                                                common::DTypeSize(d.model.dtype))};
+  const int64_t num_ranks = static_cast<int64_t>(d.roles.expert_workers.size());
+  // num_slots 0: an even share of the experts and the redundant replicas.
+  const int64_t even_share =
+      num_ranks == 0 ? 0 : (mc.moe.num_experts + d.placement.redundant_slots + num_ranks - 1) /
+                               num_ranks;
+  for (const config::ExpertWorkerSpec& w : d.roles.expert_workers) {
+    m.expert_ranks.push_back({.rank = static_cast<int32_t>(w.rank),
+                              .num_slots = static_cast<int32_t>(
+                                  w.num_slots > 0 ? w.num_slots : even_share)});
+  }
+  m.num_attention_ranks = static_cast<int32_t>(d.roles.attention_workers.size());
+  m.policy = d.placement.policy == config::PlacementPolicy::kEplb
+                 ? scheduler::PlacementPolicyKind::kEplb
+                 : scheduler::PlacementPolicyKind::kStatic;
+  m.redundant_slots = static_cast<int32_t>(d.placement.redundant_slots);
+  m.rebalance_interval_steps = d.placement.rebalance_interval_steps;
+  m.lease_ms = d.timeouts.lease_ms;
+  m.startup_timeout_ms = startup_timeout_ms;
+  m.prepare_timeout_ms = prepare_timeout_ms;
+  m.version = MOE_SERVE_VERSION;
+  o.listen_address = absl::StrCat(d.server.host, address.substr(colon));
+  o.prepare_timeout_ms = prepare_timeout_ms;
+  o.commit_timeout_ms = d.timeouts.connect_timeout_ms + d.timeouts.dispatch_timeout_ms;
+  return o;
+}
+
+absl::Status ServeScheduler(const config::DeploymentConfig& d, int64_t startup_timeout_ms,
+                            int64_t prepare_timeout_ms) {
+  sigset_t signals = ShutdownSignals();
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  MOE_ASSIGN_OR_RETURN(scheduler::SchedulerServerOptions options,
+                       SchedulerOptions(d, startup_timeout_ms, prepare_timeout_ms));
+  const std::string listen = options.listen_address;
+  const size_t num_expert_ranks = options.membership.expert_ranks.size();
+  MOE_ASSIGN_OR_RETURN(std::unique_ptr<scheduler::SchedulerServer> server,
+                       scheduler::SchedulerServer::Start(std::move(options)));
+  MOE_LOG(INFO) << "moe-serve " << MOE_SERVE_VERSION << " scheduler listening"
+                << common::Kv("address", listen) << common::Kv("port", server->port())
+                << common::Kv("expert_ranks", num_expert_ranks);
+  int sig = 0;
+  sigwait(&signals, &sig);
+  MOE_LOG(INFO) << "signal " << sig << ": stopping";
+  server->Shutdown();
+  MOE_LOG(INFO) << "stopped";
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 int RunScheduler(const Args& args, std::ostream& out, std::ostream& err) {
-  return RunRole("scheduler", "--config FILE [flags]",
-                 "Runs the membership and placement scheduler.", args, out, err);
+  common::FlagSet flags("moe-serve scheduler --config FILE [flags]",
+                        "Runs the membership and placement scheduler: expert ranks and attention\n"
+                        "workers register with it, it places the experts (two-phase prepare and\n"
+                        "commit), watches leases and rebalances. Listens on server.host at the\n"
+                        "port of roles.scheduler.address.");
+  RoleFlags role;
+  role.Register(flags);
+  int64_t startup_timeout_ms = 60000;
+  int64_t prepare_timeout_ms = 120000;
+  flags.AddInt("startup-timeout-ms", &startup_timeout_ms,
+               "report expert ranks that have not registered after this long");
+  flags.AddInt("prepare-timeout-ms", &prepare_timeout_ms,
+               "longest wait for an expert rank to load a new placement");
+  if (int rc = ParseFlagsOrExit(flags, args, out, err); rc >= 0) return rc;
+  config::DeploymentConfig deployment;
+  if (int rc = role.LoadOrExit("scheduler", {}, out, err, &deployment); rc >= 0) return rc;
+  common::SetLogPrefix("scheduler");
+  absl::Status status = ServeScheduler(deployment, startup_timeout_ms, prepare_timeout_ms);
+  if (!status.ok()) {
+    err << "moe-serve scheduler: " << status.message() << "\n";
+    return status.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
+  }
+  return 0;
 }
 
 int RunBench(const Args& args, std::ostream& out, std::ostream& err) {
