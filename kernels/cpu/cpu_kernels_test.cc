@@ -390,6 +390,19 @@ TEST(CpuKernelsTest, GenericAndAvx512MatmulAgree) {
     cpu::internal::avx512::AccumulateRows(d1.data(), w.data(), bf16, k, n, k, 0.5f, acc2.data());
     for (int64_t j = 0; j < k; ++j) EXPECT_NEAR(acc1[j], acc2[j], 1e-4);
   }
+  // SiLU over the whole range, including where exp over/underflows.
+  std::vector<float> g, u, s1, s2;
+  for (float x = -120.0f; x <= 120.0f; x += 0.37f) {
+    g.push_back(x);
+    u.push_back(1.0f + x / 200);
+  }
+  s1.resize(g.size());
+  s2.resize(g.size());
+  cpu::internal::generic::SiluMul(g.data(), u.data(), s1.data(), g.size());
+  cpu::internal::avx512::SiluMul(g.data(), u.data(), s2.data(), g.size());
+  for (size_t i = 0; i < g.size(); ++i) {
+    EXPECT_NEAR(s2[i], s1[i], 1e-6f * std::abs(s1[i]) + 1e-30f) << "x = " << g[i];
+  }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@
 #include "common/thread_pool.h"
 #include "kernels/cpu/cpu_kernels.h"
 #include "kernels/cpu/internal/check.h"
+#include "kernels/cpu/internal/simd.h"
 
 namespace moe::kernels::cpu {
 namespace {
@@ -38,8 +39,6 @@ std::vector<float> WidenVector(const TensorView& v) {
   WidenRow(v, v.data(), v.dim(0), out.data());
   return out;
 }
-
-float Silu(float x) { return x / (1.0f + std::exp(-x)); }
 
 }  // namespace
 
@@ -125,7 +124,7 @@ absl::Status SiluMul(const SiluMulArgs& args) {
       const float* gate = &args.gate_up.at<float>(i, 0);  // [M, 2F]: gate | up
       const float* up = gate + f;
       float* out = &args.out.at<float>(i, 0);             // [M, F]
-      for (int64_t j = 0; j < f; ++j) out[j] = Silu(gate[j]) * up[j];
+      internal::SiluMul(gate, up, out, f);
     }
   });
   return absl::OkStatus();

@@ -34,8 +34,6 @@ using internal::kAnyDim;
 using internal::kRowBlock;
 using internal::kWeightChunk;
 
-float Silu(float x) { return x / (1.0f + std::exp(-x)); }
-
 // Token rows grouped by expert: rows of group g are [offsets[g], offsets[g + 1]).
 struct Groups {
   std::vector<const SwigluWeights*> weights;  // one per group
@@ -139,7 +137,7 @@ void RunSwiglu(const TensorView& x, const Groups& groups, const TensorView& out,
           const bool down_bf16 = w.down.dtype() == DType::kBF16;
           for (int64_t i = 0; i < m; ++i) {
             float* act = g_rows[i];  // silu(g) * u, in place
-            for (int64_t j = 0; j < n; ++j) act[j] = Silu(act[j]) * u_rows[i][j];
+            internal::SiluMul(act, u_rows[i], act, n);
             const int64_t r = item.r0 + i;
             if (down_bf16) {
               internal::ConvertToBf16(act, h_bf16.data() + r * f + item.f0, n);

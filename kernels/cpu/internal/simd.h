@@ -41,6 +41,8 @@ void ConvertToBf16(const float* in, uint16_t* out, int64_t n);
 // out[j] = Σ_d q[d] · K_j[d] for j < rows, K_j at k + j * stride (f32 or bf16).
 void DotRows(const float* q, const void* k, bool k_bf16, int64_t stride, int64_t rows,
              int64_t d, float* out);
+// out[i] = silu(gate[i]) · up[i] (out may alias gate or up).
+void SiluMul(const float* gate, const float* up, float* out, int64_t n);
 // acc[d] = acc[d] · acc_scale + Σ_j p[j] · V_j[d], V_j at v + j * stride (f32 or bf16).
 void AccumulateRows(const float* p, const void* v, bool v_bf16, int64_t stride, int64_t rows,
                     int64_t d, float acc_scale, float* acc);
@@ -54,6 +56,7 @@ void AccumulateRows(const float* p, const void* v, bool v_bf16, int64_t stride, 
                int64_t d, float* out);                                                     \
   void AccumulateRows(const float* p, const void* v, bool v_bf16, int64_t stride,          \
                       int64_t rows, int64_t d, float acc_scale, float* acc);               \
+  void SiluMul(const float* gate, const float* up, float* out, int64_t n);                 \
   }
 MOE_SIMD_DECLARE_ISA(avx512)
 MOE_SIMD_DECLARE_ISA(generic)

@@ -36,6 +36,9 @@ void DotRows(const float* q, const void* k, bool k_bf16, int64_t stride, int64_t
              int64_t d, float* out) {
   MOE_SIMD_CALL(DotRows, q, k, k_bf16, stride, rows, d, out);
 }
+void SiluMul(const float* gate, const float* up, float* out, int64_t n) {
+  MOE_SIMD_CALL(SiluMul, gate, up, out, n);
+}
 void AccumulateRows(const float* p, const void* v, bool v_bf16, int64_t stride, int64_t rows,
                     int64_t d, float acc_scale, float* acc) {
   MOE_SIMD_CALL(AccumulateRows, p, v, v_bf16, stride, rows, d, acc_scale, acc);

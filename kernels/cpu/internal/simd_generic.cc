@@ -1,4 +1,5 @@
 // Portable scalar build of simd.h (the fallback on CPUs without AVX-512 BF16).
+#include <cmath>
 #include <cstring>
 
 #include "kernels/cpu/internal/simd.h"
@@ -80,6 +81,10 @@ void DotRows(const float* q, const void* k, bool k_bf16, int64_t stride, int64_t
   } else {
     Dot(q, static_cast<const float*>(k), stride, rows, d, out);
   }
+}
+
+void SiluMul(const float* gate, const float* up, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
 }
 
 void AccumulateRows(const float* p, const void* v, bool v_bf16, int64_t stride, int64_t rows,
