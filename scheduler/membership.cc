@@ -336,15 +336,20 @@ void Membership::AddLoad(const Member& member, const pb::LoadReport& load) {
   if (!committed_index_ || load.placement_epoch() != committed_->epoch()) return;
   const PlacementIndex& index = *committed_index_;
   const int32_t num_slots = index.NumSlots(member.rank);
-  const size_t want = index.layers().size() * static_cast<size_t>(num_slots);
-  if (num_slots == 0 || static_cast<size_t>(load.slot_tokens_size()) != want) return;
+  // The row stride is the rank's slot count; a report strided by the table's slots_per_rank
+  // (the same when every rank has as many slots) is read too.
+  const size_t num_layers = index.layers().size();
+  const size_t size = static_cast<size_t>(load.slot_tokens_size());
+  size_t stride = static_cast<size_t>(num_slots);
+  if (size != num_layers * stride) stride = static_cast<size_t>(committed_->slots_per_rank());
+  if (num_slots == 0 || size != num_layers * stride) return;
   for (size_t l = 0; l < index.layers().size(); ++l) {
     const int32_t layer = index.layers()[l];
     const std::vector<int32_t>& slots = index.SlotExperts(member.rank, layer);
     std::vector<double>& sums = load_.expert_load[layer];
     sums.resize(index.num_experts(layer), 0.0);
     for (int32_t s = 0; s < num_slots && s < static_cast<int32_t>(slots.size()); ++s) {
-      if (slots[s] >= 0) sums[slots[s]] += static_cast<double>(load.slot_tokens(l * num_slots + s));
+      if (slots[s] >= 0) sums[slots[s]] += static_cast<double>(load.slot_tokens(l * stride + s));
     }
   }
 }
