@@ -465,15 +465,22 @@ absl::Status Model::FeedForward(int layer, int t) {
        .routed_scaling_factor = c.moe.routed_scaling_factor,
        .topk_ids = topk_ids,
        .topk_weights = topk_weights}));
-  MOE_RETURN_IF_ERROR(executor_->RunRoutedExperts(layer, x, topk_ids, topk_weights, out));
-  if (m.shared.gate.empty()) return absl::OkStatus();
-  if (m.shared_gate.empty()) {
-    return kernels::Mlp({.x = x, .weights = &m.shared, .out = out, .accumulate = true});
-  }
-  const TensorView shared = sc.shared_out.view().Slice(0, t);
+  // The routed experts may run elsewhere (a remote executor has sent its dispatches when
+  // Begin returns): the shared expert is computed meanwhile into its own buffer, and added
+  // once Finish has written `out`.
+  MOE_RETURN_IF_ERROR(executor_->BeginRoutedExperts(layer, x, topk_ids, topk_weights, out));
+  if (m.shared.gate.empty()) return executor_->FinishRoutedExperts(layer);
+  const TensorView shared = sc.shared_out.view().Slice(0, t);      // [T, hidden]
   const TensorView gate_logit = sc.gate_logit.view().Slice(0, t);  // [T, 1]
-  MOE_RETURN_IF_ERROR(kernels::Mlp({.x = x, .weights = &m.shared, .out = shared}));
-  MOE_RETURN_IF_ERROR(kernels::Linear({.in = x, .weight = m.shared_gate, .out = gate_logit}));
+  absl::Status status = kernels::Mlp({.x = x, .weights = &m.shared, .out = shared});
+  if (status.ok() && !m.shared_gate.empty()) {
+    status = kernels::Linear({.in = x, .weight = m.shared_gate, .out = gate_logit});
+  }
+  // Finish is owed after a successful Begin, even when the shared expert failed.
+  absl::Status finished = executor_->FinishRoutedExperts(layer);
+  MOE_RETURN_IF_ERROR(status);
+  MOE_RETURN_IF_ERROR(finished);
+  if (m.shared_gate.empty()) return kernels::Add({.a = out, .b = shared, .out = out});
   return kernels::SigmoidGatedAdd({.in = shared, .gate_logit = gate_logit, .out = out});
 }
 

@@ -17,9 +17,10 @@
 //     normed = RmsNorm(attn_out, post_attention_norm, residual: hidden += attn_out)
 //     mlp_out = dense: Mlp(normed)
 //               MoE:   RouterTopK(Linear(normed, router)) →
-//                      ExpertExecutor::RunRoutedExperts(l, normed, ids, weights, mlp_out)
-//                      + shared expert (Mlp, gated by sigmoid(Linear(normed, gate)) for
-//                        Qwen2-MoE), accumulated into mlp_out
+//                      ExpertExecutor::BeginRoutedExperts(l, normed, ids, weights, mlp_out)
+//                      → shared expert into shared_out (Mlp, gated by
+//                        sigmoid(Linear(normed, gate)) for Qwen2-MoE) while the routed
+//                        experts run → FinishRoutedExperts(l) → mlp_out += shared_out
 //     normed = RmsNorm(mlp_out, next input_norm, residual: hidden += mlp_out)
 //   hidden += mlp_out; rows that want logits are gathered (Embedding over hidden as a table),
 //   final RmsNorm, LM head Linear → logits [R, vocab].
@@ -76,6 +77,13 @@ namespace moe::model {
 // expert_{topk_ids[t, j]}(x[t]) (rows whose experts are absent get their partial sum); x
 // [T, hidden] f32, topk_ids [T, k] i32, topk_weights [T, k] f32. Called from the thread
 // running Model::Forward, once per MoE layer per step, layers in order.
+//
+// Overlap: Model::Forward calls the split form BeginRoutedExperts (start: e.g. send the
+// dispatches), then computes the shared expert, then FinishRoutedExperts (complete: e.g.
+// wait for the combines and write `out`). Between the two the caller neither writes x,
+// topk_ids, topk_weights nor reads or writes `out`, and the views stay valid; a successful
+// Begin is followed by exactly one Finish for the same layer. The defaults run everything
+// in Begin, so an executor that only implements RunRoutedExperts behaves as before.
 class ExpertExecutor {
  public:
   virtual ~ExpertExecutor() = default;
@@ -83,6 +91,13 @@ class ExpertExecutor {
                                         common::TensorView topk_ids,
                                         common::TensorView topk_weights,
                                         common::TensorView out) = 0;
+  virtual absl::Status BeginRoutedExperts(int layer, common::TensorView x,
+                                          common::TensorView topk_ids,
+                                          common::TensorView topk_weights,
+                                          common::TensorView out) {
+    return RunRoutedExperts(layer, x, topk_ids, topk_weights, out);
+  }
+  virtual absl::Status FinishRoutedExperts(int layer) { return absl::OkStatus(); }
 };
 
 // ExpertExecutor over the routed experts held in a ModelWeights (all or a subset).
