@@ -65,8 +65,8 @@ int RunGenerate(const Args& args, std::ostream& out, std::ostream& err) {
                       .top_p = top_p,
                       .top_k = top_k,
                       .seed = static_cast<uint64_t>(seed),
-                      .logprobs = logprobs};
-  if (absl::Status s = model::ValidateSamplingParams(options.sampling); !s.ok()) {
+                      .top_logprobs = logprobs};
+  if (absl::Status s = model::ValidateSamplingOptions(options.sampling); !s.ok()) {
     return usage(std::string(s.message()));  // names the field (flags use dashes)
   }
 
@@ -134,11 +134,11 @@ int RunGenerate(const Args& args, std::ostream& out, std::ostream& err) {
   doc["prompt_ids"] = ids;
   nlohmann::json tokens = nlohmann::json::array();
   for (const model::GeneratedToken& t : result->tokens) {
-    nlohmann::json step = {{"id", t.sample.id}, {"text", t.text}, {"logprob", t.sample.logprob}};
+    nlohmann::json step = {{"id", t.sample.token}, {"text", t.text}, {"logprob", t.sample.logprob}};
     if (logprobs > 0) {
       nlohmann::json top = nlohmann::json::array();
-      for (const model::TokenLogprob& lp : t.sample.top_logprobs) {
-        top.push_back({{"id", lp.id}, {"logprob", lp.logprob}});
+      for (const model::CandidateLogprob& lp : t.sample.top_logprobs) {
+        top.push_back({{"id", lp.token}, {"logprob", lp.logprob}});
       }
       step["top_logprobs"] = std::move(top);
     }

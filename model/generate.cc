@@ -10,137 +10,11 @@
 namespace moe::model {
 namespace {
 
-uint64_t SplitMix64(uint64_t& state) {
-  uint64_t z = (state += 0x9e3779b97f4a7c15ull);
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
-}
-
-// Orders ids by logit, larger first, ties to the lower id.
-struct ByLogit {
-  std::span<const float> logits;
-  bool operator()(int32_t a, int32_t b) const {
-    if (logits[a] != logits[b]) return logits[a] > logits[b];
-    return a < b;
-  }
-};
-
 double Seconds(std::chrono::steady_clock::time_point a, std::chrono::steady_clock::time_point b) {
   return std::chrono::duration<double>(b - a).count();
 }
 
 }  // namespace
-
-void LogSoftmax(std::span<const float> logits, std::span<float> out) {
-  float max = -std::numeric_limits<float>::infinity();
-  for (float x : logits) max = std::max(max, x);
-  double sum = 0.0;
-  for (float x : logits) sum += std::exp(static_cast<double>(x) - max);
-  const double log_z = max + std::log(sum);
-  for (size_t i = 0; i < logits.size(); ++i) {
-    out[i] = static_cast<float>(static_cast<double>(logits[i]) - log_z);
-  }
-}
-
-absl::Status ValidateSamplingParams(const SamplingParams& p) {
-  if (!(p.temperature >= 0.0) || !std::isfinite(p.temperature)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("temperature must be >= 0, got ", p.temperature));
-  }
-  if (!(p.top_p > 0.0 && p.top_p <= 1.0)) {
-    return absl::InvalidArgumentError(absl::StrCat("top_p must be in (0, 1], got ", p.top_p));
-  }
-  if (p.top_k < 0) {
-    return absl::InvalidArgumentError(absl::StrCat("top_k must be >= 0, got ", p.top_k));
-  }
-  if (p.logprobs < 0) {
-    return absl::InvalidArgumentError(absl::StrCat("logprobs must be >= 0, got ", p.logprobs));
-  }
-  return absl::OkStatus();
-}
-
-Sampler::Sampler(const SamplingParams& params) : params_(params), state_(params.seed) {
-  SplitMix64(state_);  // decorrelate small seeds
-}
-
-double Sampler::NextUniform() {
-  return static_cast<double>(SplitMix64(state_) >> 11) * 0x1.0p-53;
-}
-
-SampledToken Sampler::Sample(std::span<const float> logits) {
-  const int32_t vocab = static_cast<int32_t>(logits.size());
-  SampledToken result;
-  const ByLogit by_logit{logits};
-
-  if (params_.temperature <= 0.0) {
-    int32_t best = 0;
-    for (int32_t i = 1; i < vocab; ++i) {
-      if (logits[i] > logits[best]) best = i;
-    }
-    result.id = best;
-  } else {
-    order_.resize(vocab);
-    std::iota(order_.begin(), order_.end(), 0);
-    int32_t n = vocab;
-    if (params_.top_k > 0 && params_.top_k < vocab) {
-      n = params_.top_k;
-      std::partial_sort(order_.begin(), order_.begin() + n, order_.end(), by_logit);
-    } else {
-      std::sort(order_.begin(), order_.end(), by_logit);
-    }
-    const double inv_t = 1.0 / params_.temperature;
-    const double top = logits[order_[0]];
-    probs_.resize(n);
-    double sum = 0.0;
-    for (int32_t i = 0; i < n; ++i) {
-      probs_[i] = std::exp((static_cast<double>(logits[order_[i]]) - top) * inv_t);
-      sum += probs_[i];
-    }
-    // Smallest prefix whose mass reaches top_p (at least one token).
-    int32_t keep = n;
-    if (params_.top_p < 1.0) {
-      double mass = 0.0;
-      for (int32_t i = 0; i < n; ++i) {
-        mass += probs_[i] / sum;
-        if (mass >= params_.top_p) {
-          keep = i + 1;
-          break;
-        }
-      }
-    }
-    double kept = 0.0;
-    for (int32_t i = 0; i < keep; ++i) kept += probs_[i];
-    double u = NextUniform() * kept;
-    result.id = order_[keep - 1];
-    for (int32_t i = 0; i < keep; ++i) {
-      if (u < probs_[i]) {
-        result.id = order_[i];
-        break;
-      }
-      u -= probs_[i];
-    }
-  }
-
-  // Logprobs of the raw distribution.
-  float max = -std::numeric_limits<float>::infinity();
-  for (float x : logits) max = std::max(max, x);
-  double sum = 0.0;
-  for (float x : logits) sum += std::exp(static_cast<double>(x) - max);
-  const double log_z = max + std::log(sum);
-  result.logprob = static_cast<float>(logits[result.id] - log_z);
-  if (params_.logprobs > 0) {
-    const int32_t k = std::min(params_.logprobs, vocab);
-    std::vector<int32_t> ids(vocab);
-    std::iota(ids.begin(), ids.end(), 0);
-    std::partial_sort(ids.begin(), ids.begin() + k, ids.end(), by_logit);
-    for (int32_t i = 0; i < k; ++i) {
-      result.top_logprobs.push_back(
-          {ids[i], static_cast<float>(static_cast<double>(logits[ids[i]]) - log_z)});
-    }
-  }
-  return result;
-}
 
 double GenerateResult::PrefillTokensPerSecond() const {
   return prefill_seconds > 0 ? prompt_tokens / prefill_seconds : 0.0;
@@ -156,7 +30,7 @@ absl::StatusOr<GenerateResult> Generate(Model& model, const Tokenizer* tokenizer
                                         const GenerateOptions& options,
                                         const std::function<void(const GeneratedToken&)>& on_token) {
   const ModelConfig& config = model.config();
-  MOE_RETURN_IF_ERROR(ValidateSamplingParams(options.sampling));
+  MOE_RETURN_IF_ERROR(ValidateSamplingOptions(options.sampling));
   if (options.max_tokens < 1) {
     return absl::InvalidArgumentError(
         absl::StrCat("max_tokens must be >= 1, got ", options.max_tokens));
@@ -197,14 +71,14 @@ absl::StatusOr<GenerateResult> Generate(Model& model, const Tokenizer* tokenizer
 
   GenerateResult result;
   result.prompt_tokens = static_cast<int>(prompt.size());
-  Sampler sampler(options.sampling);
+  SequenceSampler sampler(options.sampling, prompt);
   std::unique_ptr<IncrementalDecoder> decoder;
   if (tokenizer != nullptr) decoder = std::make_unique<IncrementalDecoder>(*tokenizer, true);
 
-  auto emit = [&](SampledToken sample) {
+  auto emit = [&](SampleOutput sample) {
     GeneratedToken t;
     t.sample = std::move(sample);
-    if (decoder) t.text = decoder->Add(t.sample.id);
+    if (decoder) t.text = decoder->Add(t.sample.token);
     result.text += t.text;
     result.tokens.push_back(std::move(t));
   };
@@ -234,7 +108,7 @@ absl::StatusOr<GenerateResult> Generate(Model& model, const Tokenizer* tokenizer
   result.finish_reason = "length";
   int32_t position = static_cast<int32_t>(prompt.size());
   while (true) {
-    const int32_t last = result.tokens.back().sample.id;
+    const int32_t last = result.tokens.back().sample.token;
     if (eos.count(last) > 0) {
       result.finish_reason = "stop";
       break;

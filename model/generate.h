@@ -2,15 +2,9 @@
 // host-side sampling. Used by `moe-serve generate` and by tests; the serving engine has its
 // own loop over many sequences.
 //
-// Sampling (Sampler) works on one f32 logits row:
-//   temperature <= 0: greedy (argmax; ties go to the lower id);
-//   otherwise logits / temperature, keep the top_k best (0 = all), softmax, keep the smallest
-//   prefix of the sorted distribution whose mass reaches top_p, renormalise, and draw with
-//   our own SplitMix64 generator seeded by `seed`: the same seed, model and prompt give the
-//   same tokens on every machine and run.
-// Logprobs are of the model's distribution (log-softmax of the raw logits, before
-// temperature/top-k/top-p), as vLLM reports them by default: the chosen token's and the
-// `logprobs` most likely tokens' (ties to the lower id).
+// Sampling is model/sampler.h's SequenceSampler (the same one the serving workers use), so
+// `generate` and the server give the same tokens for the same seed. Temperature defaults to 0
+// here (greedy); logprobs are of the raw distribution.
 //
 // Contract: Generate validates the prompt (non-empty, ids inside the vocabulary, prompt plus
 // max_tokens within the model's positions and KV cache) and returns InvalidArgument naming
@@ -19,7 +13,6 @@
 // (unless ignore_eos).
 //
 // Threads: Generate uses the Model exclusively while it runs (Forward is not reentrant).
-// Sampler is a value; one per sequence.
 //
 //   GenerateOptions opts{.max_tokens = 32, .sampling = {.temperature = 0.7, .seed = 1}};
 //   MOE_ASSIGN_OR_RETURN(GenerateResult r, Generate(*model, tokenizer.get(), prompt_ids, opts));
@@ -34,58 +27,21 @@
 
 #include "common/status.h"
 #include "model/model.h"
+#include "model/sampler.h"
 #include "model/tokenizer.h"
 
 namespace moe::model {
 
-struct SamplingParams {
-  double temperature = 0.0;  // <= 0: greedy
-  double top_p = 1.0;        // (0, 1]
-  int top_k = 0;             // 0: all tokens
-  uint64_t seed = 0;
-  int logprobs = 0;          // how many top logprobs to report per step (0 = none)
-};
-
-struct TokenLogprob {
-  int32_t id = 0;
-  float logprob = 0.0f;
-};
-
-struct SampledToken {
-  int32_t id = 0;
-  float logprob = 0.0f;                     // log-softmax of the raw logits at id
-  std::vector<TokenLogprob> top_logprobs;  // SamplingParams::logprobs best, descending
-};
-
-// Validates params: InvalidArgument naming the field (temperature < 0, top_p outside (0, 1],
-// top_k < 0, logprobs < 0).
-absl::Status ValidateSamplingParams(const SamplingParams& params);
-
-class Sampler {
- public:
-  explicit Sampler(const SamplingParams& params);
-  // Picks the next token from one logits row [vocab].
-  SampledToken Sample(std::span<const float> logits);
-
- private:
-  double NextUniform();  // [0, 1)
-
-  SamplingParams params_;
-  uint64_t state_;
-  std::vector<int32_t> order_;  // scratch: ids sorted by logit
-  std::vector<double> probs_;   // scratch
-};
-
 struct GenerateOptions {
   int max_tokens = 16;
-  SamplingParams sampling;
+  SamplingOptions sampling{.temperature = 0.0};
   bool ignore_eos = false;
   // Prefill in chunks of at most this many tokens (0 = the whole prompt in one step).
   int prefill_chunk_tokens = 0;
 };
 
 struct GeneratedToken {
-  SampledToken sample;
+  SampleOutput sample;
   std::string text;  // the text this token completes (incremental decode; "" without tokenizer)
 };
 
@@ -106,8 +62,5 @@ absl::StatusOr<GenerateResult> Generate(
     Model& model, const Tokenizer* tokenizer, std::span<const int32_t> prompt,
     const GenerateOptions& options,
     const std::function<void(const GeneratedToken&)>& on_token = nullptr);
-
-// Log-softmax of a logits row into `out` (same size), in double precision for the sum.
-void LogSoftmax(std::span<const float> logits, std::span<float> out);
 
 }  // namespace moe::model

@@ -430,46 +430,7 @@ TEST(ForwardTest, ScratchGrowsForLargerBatches) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Generate and sampling
-
-TEST(SamplerTest, GreedyTakesTheLowestIdAmongTies) {
-  Sampler s({});
-  const std::vector<float> logits = {0.5f, 2.0f, 2.0f, -1.0f};
-  SampledToken t = s.Sample(logits);
-  EXPECT_EQ(t.id, 1);
-  EXPECT_NEAR(t.logprob, 2.0 - std::log(std::exp(0.5) + 2 * std::exp(2.0) + std::exp(-1.0)),
-              1e-6);
-}
-
-TEST(SamplerTest, SeededSamplingIsReproducibleAndRespectsTopK) {
-  std::vector<float> logits(50);
-  for (int i = 0; i < 50; ++i) logits[i] = std::sin(i * 1.3f);
-  const SamplingParams p{.temperature = 1.5, .top_p = 0.9, .top_k = 5, .seed = 42, .logprobs = 3};
-  Sampler a(p), b(p);
-  std::vector<int32_t> top5(50);
-  std::iota(top5.begin(), top5.end(), 0);
-  std::partial_sort(top5.begin(), top5.begin() + 5, top5.end(),
-                    [&](int x, int y) { return logits[x] > logits[y]; });
-  const std::set<int32_t> allowed(top5.begin(), top5.begin() + 5);
-  std::set<int32_t> seen;
-  for (int i = 0; i < 200; ++i) {
-    SampledToken x = a.Sample(logits), y = b.Sample(logits);
-    ASSERT_EQ(x.id, y.id);
-    EXPECT_TRUE(allowed.count(x.id)) << x.id;
-    ASSERT_EQ(x.top_logprobs.size(), 3u);
-    EXPECT_EQ(x.top_logprobs[0].id, top5[0]);
-    seen.insert(x.id);
-  }
-  EXPECT_GT(seen.size(), 1u) << "temperature 1.5 should not be greedy";
-}
-
-TEST(SamplerTest, ValidatesParams) {
-  EXPECT_FALSE(ValidateSamplingParams({.temperature = -1}).ok());
-  EXPECT_FALSE(ValidateSamplingParams({.top_p = 0}).ok());
-  EXPECT_FALSE(ValidateSamplingParams({.top_p = 1.5}).ok());
-  EXPECT_FALSE(ValidateSamplingParams({.top_k = -2}).ok());
-  EXPECT_TRUE(ValidateSamplingParams({.temperature = 0.7, .top_p = 0.5, .top_k = 3}).ok());
-}
+// Generate (sampling itself is tested in model/sampler_test.cc)
 
 TEST(GenerateTest, ChunkedPrefillAndSeedsAreDeterministic) {
   auto model = LoadModel(TinyModel("qwen2_moe"), {.kv = {.num_blocks = 16, .block_size = 4}});
@@ -483,14 +444,14 @@ TEST(GenerateTest, ChunkedPrefillAndSeedsAreDeterministic) {
   ASSERT_TRUE(chunked.ok()) << chunked.status();
   ASSERT_EQ(whole->tokens.size(), 8u);
   for (size_t i = 0; i < 8; ++i) {
-    EXPECT_EQ(whole->tokens[i].sample.id, chunked->tokens[i].sample.id) << i;
+    EXPECT_EQ(whole->tokens[i].sample.token, chunked->tokens[i].sample.token) << i;
     EXPECT_NEAR(whole->tokens[i].sample.logprob, chunked->tokens[i].sample.logprob, 1e-4);
   }
   opts.sampling = {.temperature = 1.0, .seed = 9};
   auto s1 = Generate(*model, nullptr, prompt, opts);
   auto s2 = Generate(*model, nullptr, prompt, opts);
   ASSERT_TRUE(s1.ok() && s2.ok());
-  for (size_t i = 0; i < 8; ++i) EXPECT_EQ(s1->tokens[i].sample.id, s2->tokens[i].sample.id);
+  for (size_t i = 0; i < 8; ++i) EXPECT_EQ(s1->tokens[i].sample.token, s2->tokens[i].sample.token);
 }
 
 TEST(GenerateTest, PromptTooLongAndBadIdsAreInvalidArgument) {
@@ -519,7 +480,7 @@ TEST(GenerateTest, TextIsTheIncrementalDecodeOfTheTokens) {
   std::vector<int32_t> ids;
   for (const GeneratedToken& t : r->tokens) {
     joined += t.text;
-    ids.push_back(t.sample.id);
+    ids.push_back(t.sample.token);
   }
   EXPECT_EQ(joined, r->text);
   EXPECT_EQ(r->text, (*tok)->Decode(ids, true));
@@ -534,7 +495,7 @@ TEST(GenerateTest, StopsAtAnEndOfSequenceId) {
     ASSERT_NE(model, nullptr);
     auto r = Generate(*model, nullptr, prompt, {.max_tokens = 2, .ignore_eos = true});
     ASSERT_TRUE(r.ok()) << r.status();
-    second = r->tokens[1].sample.id;
+    second = r->tokens[1].sample.token;
   }
   // The same model with that token declared end-of-sequence in config.json.
   const std::string dir = RewriteCheckpoint(src, [](const std::string&, TensorView&, auto&) { return true; });
@@ -551,7 +512,7 @@ TEST(GenerateTest, StopsAtAnEndOfSequenceId) {
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(r->finish_reason, "stop");
   ASSERT_EQ(r->tokens.size(), 2u);
-  EXPECT_EQ(r->tokens[1].sample.id, second);
+  EXPECT_EQ(r->tokens[1].sample.token, second);
 }
 
 }  // namespace
