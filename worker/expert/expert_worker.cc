@@ -103,6 +103,11 @@ absl::Status ExpertWorker::Prepare(const PlacementTable& table) {
                                                      " is not newer than the served epoch ",
                                                      current_->epoch));
     }
+    if (prepared_ != nullptr && table.epoch() < prepared_->epoch) {
+      return absl::InvalidArgumentError(absl::StrCat("prepare: epoch ", table.epoch(),
+                                                     " is older than the prepared epoch ",
+                                                     prepared_->epoch));
+    }
     // At most two sets of slots stay resident while the new one loads: drop the set kept
     // for steps in flight during the previous flip, and any older prepared one.
     previous_.reset();
