@@ -23,6 +23,7 @@
 #include "scheduler/scheduler_service.h"
 #include "server/chat_template.h"
 #include "server/engine.h"
+#include "server/grpc_server.h"
 #include "server/http_server.h"
 
 namespace moe::cli {
@@ -194,6 +195,15 @@ absl::Status Serve(const config::DeploymentConfig& d, const std::string& cache_d
   http.Start();
   MOE_LOG(INFO) << "moe-serve " << MOE_SERVE_VERSION << " listening on http://" << d.server.host
                 << ":" << port << " (loading)";
+  // gRPC (moe.v1.MoeServe, grpc.health.v1, reflection) likewise: UNAVAILABLE and
+  // NOT_SERVING until the model is loaded.
+  server::GrpcServer grpc({.host = d.server.host,
+                           .port = d.server.grpc_port,
+                           .api_key = d.server.api_key,
+                           .served_model_name = served_name,
+                           .max_message_bytes = static_cast<int>(
+                               std::min<int64_t>(d.server.max_body_bytes, INT32_MAX))});
+  MOE_ASSIGN_OR_RETURN(int grpc_port, grpc.Start());
 
   std::string dir = d.model.path;
   if (dir.empty()) {
@@ -255,9 +265,13 @@ absl::Status Serve(const config::DeploymentConfig& d, const std::string& cache_d
                    .tokenizer = tokenizer.get(),
                    .chat_template = std::move(chat_template),
                    .max_model_len = static_cast<int>(max_model_len)});
+  grpc.SetBackend({.engine = engine.get(),
+                   .tokenizer = tokenizer.get(),
+                   .max_model_len = static_cast<int>(max_model_len),
+                   .architecture = mc.architecture});
   MOE_LOG(INFO) << "serving " << served_name << " on http://" << d.server.host << ":" << port
-                << common::Kv("model", dir) << common::Kv("max_model_len", max_model_len)
-                << common::Kv("kv_blocks", num_blocks);
+                << common::Kv("grpc_port", grpc_port) << common::Kv("model", dir)
+                << common::Kv("max_model_len", max_model_len) << common::Kv("kv_blocks", num_blocks);
 
   int sig = 0;
   sigwait(&signals, &sig);
@@ -265,6 +279,7 @@ absl::Status Serve(const config::DeploymentConfig& d, const std::string& cache_d
                 << common::Kv("timeout_s", d.server.drain_timeout_s);
   // New requests get 503 from here on; the running ones finish or are cut at the deadline.
   http.StartDraining();
+  grpc.StartDraining();
   const auto deadline = std::chrono::steady_clock::now() +
                         std::chrono::duration<double>(d.server.drain_timeout_s);
   while (engine->num_unfinished() > 0 && std::chrono::steady_clock::now() < deadline) {
@@ -277,10 +292,11 @@ absl::Status Serve(const config::DeploymentConfig& d, const std::string& cache_d
   // Let the handlers write the last events ("abort" included) and [DONE] before the
   // listener closes (cpp-httplib cuts streams still being written when it stops).
   const auto flush_deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-  while ((engine->num_unfinished() > 0 || http.num_active() > 0) &&
+  while ((engine->num_unfinished() > 0 || http.num_active() > 0 || grpc.num_active() > 0) &&
          std::chrono::steady_clock::now() < flush_deadline) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
+  grpc.Stop();
   http.Stop();
   engine->Stop();
   MOE_LOG(INFO) << "stopped";
@@ -302,7 +318,7 @@ int RunServe(const Args& args, std::ostream& out, std::ostream& err) {
   bool local_cluster = false;
   flags.AddString("model", &model, "Hugging Face model directory");
   flags.AddInt("port", &port, "HTTP port");
-  flags.AddInt("grpc-port", &grpc_port, "gRPC port");
+  flags.AddInt("grpc-port", &grpc_port, "gRPC port (0: any free port, logged as grpc_port=)");
   flags.AddBool("local-cluster", &local_cluster, "spawn every role as its own process on loopback");
   std::string cache_dir;
   flags.AddString("cache-dir", &cache_dir,

@@ -25,7 +25,7 @@ APT_PACKAGES=(
   libgtest-dev libgmock-dev libbenchmark-dev
   libopenblas-dev libdnnl-dev libpcre2-dev libicu-dev prometheus curl
 )
-PIP_PACKAGES=(numpy pytest openai grpcio grpcio-health-checking grpcio-reflection
+PIP_PACKAGES=(numpy pytest openai grpcio grpcio-tools grpcio-health-checking grpcio-reflection
   prometheus-client tokenizers jinja2 safetensors requests)
 GOLDEN_PIP_PACKAGES=(torch transformers)
 

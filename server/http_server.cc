@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
 #include "nlohmann/json.hpp"
+#include "server/request_validation.h"
 
 namespace moe::server {
 
@@ -51,15 +52,7 @@ std::string ErrorType(int status) {
 }
 
 // Our messages start with the field they are about ("top_p: must be ..."): that is the param.
-std::optional<std::string> ParamOf(const std::string& message) {
-  size_t colon = message.find(':');
-  if (colon == std::string::npos || colon == 0) return std::nullopt;
-  for (size_t i = 0; i < colon; ++i) {
-    char c = message[i];
-    if (!(std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '.')) return std::nullopt;
-  }
-  return message.substr(0, colon);
-}
+std::optional<std::string> ParamOf(const std::string& message) { return FieldOf(message); }
 
 json ErrorBody(int status, const std::string& message, std::optional<std::string> param) {
   return {{"error",
@@ -94,7 +87,7 @@ std::string RandomHex() {
 }
 
 absl::Status Bad(const std::string& field, const std::string& what) {
-  return absl::InvalidArgumentError(absl::StrCat(field, ": ", what));
+  return InvalidField(field, what);
 }
 
 // Typed, optional fields of a JSON object; null counts as absent.
@@ -148,9 +141,6 @@ absl::StatusOr<CommonParams> ParseCommon(const json& body) {
   Fields f{body};
   EngineRequest& r = p.base;
   MOE_RETURN_IF_ERROR(f.Number("temperature", &r.sampling.temperature));
-  if (r.sampling.temperature < 0 || r.sampling.temperature > 100) {
-    return Bad("temperature", "must be in [0, 100]");
-  }
   MOE_RETURN_IF_ERROR(f.Number("top_p", &r.sampling.top_p));
   int64_t top_k = 0;
   MOE_RETURN_IF_ERROR(f.Int("top_k", &top_k, -1, INT32_MAX));
@@ -185,9 +175,6 @@ absl::StatusOr<CommonParams> ParseCommon(const json& body) {
     } else {
       return Bad("stop", "must be a string or a list of strings");
     }
-    for (const std::string& s : r.stop) {
-      if (s.empty()) return Bad("stop", "stop strings must not be empty");
-    }
   }
   if (const json* ids = f.Find("stop_token_ids")) {
     if (!ids->is_array()) return Bad("stop_token_ids", "must be a list of token ids");
@@ -202,7 +189,8 @@ absl::StatusOr<CommonParams> ParseCommon(const json& body) {
     Fields sf{*so};
     MOE_RETURN_IF_ERROR(sf.Bool("include_usage", &p.include_usage));
   }
-  MOE_RETURN_IF_ERROR(model::ValidateSamplingOptions(r.sampling));
+  // Ranges, shared with the gRPC API.
+  MOE_RETURN_IF_ERROR(ValidateSampling(r));
   return p;
 }
 
@@ -491,13 +479,15 @@ void HttpServer::Handlers::Completions(const httplib::Request& req, httplib::Res
   if (!common.ok()) return SendStatus(res, common.status());
   Fields f{body};
   EngineRequest& base = common->base;
-  int64_t max_tokens = 16;
+  int64_t max_tokens = kDefaultMaxTokens;
   if (absl::Status s = f.Int("max_tokens", &max_tokens, 1, INT32_MAX); !s.ok()) {
     return SendStatus(res, s);
   }
   base.max_tokens = static_cast<int>(max_tokens);
   int64_t logprobs = -1;
-  if (absl::Status s = f.Int("logprobs", &logprobs, 0, 20); !s.ok()) return SendStatus(res, s);
+  if (absl::Status s = f.Int("logprobs", &logprobs, 0, kMaxTopLogprobs); !s.ok()) {
+    return SendStatus(res, s);
+  }
   base.sampling.top_logprobs = logprobs > 0 ? static_cast<int>(logprobs) : 0;
   bool echo = false;
   if (absl::Status s = f.Bool("echo", &echo); !s.ok()) return SendStatus(res, s);
@@ -561,12 +551,8 @@ void HttpServer::Handlers::Completions(const httplib::Request& req, httplib::Res
     for (const auto& ids : prompts) prompt_texts.push_back(tok.Decode(ids, false));
   }
   for (const auto& ids : prompts) {
-    for (int32_t id : ids) {
-      if (id < 0 || id >= vocab) {
-        return SendError(res, 400, absl::StrCat("prompt: token id ", id,
-                                                " is outside the vocabulary [0, ", vocab, ")"),
-                         "prompt");
-      }
+    if (absl::Status s = ValidateTokenIds("prompt", ids, vocab); !s.ok()) {
+      return SendStatus(res, s);
     }
   }
   if (prompts.size() > 256) return SendError(res, 400, "prompt: at most 256 prompts", "prompt");
@@ -727,7 +713,7 @@ void HttpServer::Handlers::ChatCompletions(const httplib::Request& req,
   bool logprobs = false;
   if (absl::Status s = f.Bool("logprobs", &logprobs); !s.ok()) return SendStatus(res, s);
   int64_t top_logprobs = 0;
-  if (absl::Status s = f.Int("top_logprobs", &top_logprobs, 0, 20); !s.ok()) {
+  if (absl::Status s = f.Int("top_logprobs", &top_logprobs, 0, kMaxTopLogprobs); !s.ok()) {
     return SendStatus(res, s);
   }
   if (top_logprobs > 0 && !logprobs) {

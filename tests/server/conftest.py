@@ -1,8 +1,9 @@
 """Fixtures of the black-box server tests: a real `moe-serve serve` process on the tiny model.
 
-Each server binds 127.0.0.1 on a port the kernel picks (--port 0); the fixture reads the
-port from the log line "serving ... on http://HOST:PORT", waits for /health, and stops the
-process (SIGTERM, then SIGKILL) at the end. Every test runs under a SIGALRM timeout.
+Each server binds 127.0.0.1 on ports the kernel picks (--port 0 --grpc-port 0); the fixture
+reads them from the log line "serving ... on http://HOST:PORT grpc_port=PORT", waits for
+/health, and stops the process (SIGTERM, then SIGKILL) at the end. Every test runs under a
+SIGALRM timeout.
 """
 import os
 import re
@@ -36,8 +37,10 @@ class Server:
     def __init__(self, cache_dir: Path, extra_args=()):
         self.log_lines = []
         self.port = None
+        self.grpc_port = None
         self._ready = threading.Event()
-        args = [moe_serve_bin(), "serve", "--port", "0", "--cache-dir", str(cache_dir),
+        args = [moe_serve_bin(), "serve", "--port", "0", "--grpc-port", "0",
+                "--cache-dir", str(cache_dir),
                 "--set", "kv_cache.num_blocks=2048", "--set", "model.dtype=f32",
                 "--set", "threads=2", *extra_args]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -47,6 +50,7 @@ class Server:
             self.stop()
             raise RuntimeError("server did not start:\n" + "".join(self.log_lines))
         self.url = f"http://127.0.0.1:{self.port}"
+        self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         deadline = time.time() + 60
         while time.time() < deadline:
             try:
@@ -63,6 +67,8 @@ class Server:
             self.log_lines.append(line)
             m = re.search(r"serving \S+ on http://[\d.]+:(\d+)", line)
             if m:
+                g = re.search(r"grpc_port=(\d+)", line)
+                self.grpc_port = int(g.group(1)) if g else None
                 self.port = int(m.group(1))
                 self._ready.set()
 
