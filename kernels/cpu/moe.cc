@@ -14,6 +14,7 @@
 #include <cstring>
 #include <limits>
 #include <numeric>
+#include <optional>
 #include <vector>
 
 #include "common/thread_pool.h"
@@ -54,6 +55,13 @@ absl::Status CheckSwiglu(const char* op, const std::string& field, const SwigluW
   return absl::OkStatus();
 }
 
+// FFN rows per pass-1 item of a group with m rows: long contiguous ranges when the group is
+// streamed (decode sizes), kWeightChunk-row panels when it takes the packed GEMM.
+int64_t FfnChunk(int64_t f, int64_t m) {
+  return m <= internal::kStreamMaxRows ? std::min(f, internal::StreamChunkRows(f))
+                                       : kWeightChunk;
+}
+
 // out[token[r]] (+)= scale[r] * swiglu_g(x[token[r]]) for every group g and its rows r.
 // With accumulate false, out must be covered by exactly one group row per token (Mlp).
 void RunSwiglu(const TensorView& x, const Groups& groups, const TensorView& out,
@@ -63,64 +71,60 @@ void RunSwiglu(const TensorView& x, const Groups& groups, const TensorView& out,
   const int64_t f = groups.weights[0]->gate.dim(0);
   const int64_t rows = groups.offsets.back();
   bool any_bf16 = false, any_f32 = false;
-  for (const SwigluWeights* w : groups.weights) {
-    (w->gate.dtype() == DType::kBF16 ? any_bf16 : any_f32) = true;
+  int64_t max_group_rows = 0;
+  for (int64_t g = 0; g < num_groups; ++g) {
+    (groups.weights[g]->gate.dtype() == DType::kBF16 ? any_bf16 : any_f32) = true;
+    max_group_rows = std::max(max_group_rows, groups.offsets[g + 1] - groups.offsets[g]);
   }
   // Activations once per dtype, then gathered per routed row (pointers only).
-  std::unique_ptr<internal::ActivationRows> x_bf16, x_f32;
-  if (any_bf16) x_bf16 = std::make_unique<internal::ActivationRows>(x, true);
-  if (any_f32) x_f32 = std::make_unique<internal::ActivationRows>(x, false);
+  std::optional<internal::ActivationRows> x_bf16, x_f32;
+  if (any_bf16) x_bf16.emplace(x, true);
+  if (any_f32) x_f32.emplace(x, false);
   std::vector<const void*> a_rows(rows);
-  // h = silu(gate · x) * (up · x): [R, F], bf16 or f32 by the group's down dtype.
-  std::vector<float> h_f32;
-  std::vector<uint16_t> h_bf16;
+  // h = silu(gate · x) * (up · x): [R, F], bf16 or f32 by the group's down dtype; row r at
+  // byte r * f * 4 either way (the calling thread's scratch).
+  char* h_data = internal::ThreadScratchAs<char>(internal::kScratchHidden,
+                                                 static_cast<size_t>(rows) * f * 4);
   std::vector<const void*> h_rows(rows);
   std::vector<float*> out_rows(rows);
   for (int64_t g = 0; g < num_groups; ++g) {
-    const SwigluWeights& w = *groups.weights[g];
-    const bool bf16 = w.gate.dtype() == DType::kBF16;
-    const bool down_bf16 = w.down.dtype() == DType::kBF16;
+    const bool bf16 = groups.weights[g]->gate.dtype() == DType::kBF16;
     for (int64_t r = groups.offsets[g]; r < groups.offsets[g + 1]; ++r) {
-      a_rows[r] = (bf16 ? x_bf16 : x_f32)->row(groups.token[r]);
+      a_rows[r] = (bf16 ? *x_bf16 : *x_f32).row(groups.token[r]);
       out_rows[r] = &out.at<float>(groups.token[r], 0);  // [T, H]
-    }
-    if (down_bf16) {
-      h_bf16.resize(static_cast<size_t>(rows) * f);
-    } else {
-      h_f32.resize(static_cast<size_t>(rows) * f);
-    }
-  }
-  for (int64_t g = 0; g < num_groups; ++g) {
-    const bool down_bf16 = groups.weights[g]->down.dtype() == DType::kBF16;
-    for (int64_t r = groups.offsets[g]; r < groups.offsets[g + 1]; ++r) {
-      h_rows[r] = down_bf16 ? static_cast<const void*>(h_bf16.data() + r * f)
-                            : static_cast<const void*>(h_f32.data() + r * f);
+      h_rows[r] = h_data + static_cast<size_t>(r) * f * 4;
     }
   }
 
-  // Pass 1: items (group, FFN-row chunk, row block).
+  // Pass 1: items (group, FFN-row range, row block).
   struct Item {
-    int64_t group, f0, r0, r1;
+    int64_t group, f0, f1, r0, r1;
   };
   std::vector<Item> items;
   for (int64_t g = 0; g < num_groups; ++g) {
     for (int64_t r0 = groups.offsets[g]; r0 < groups.offsets[g + 1]; r0 += kRowBlock) {
       const int64_t r1 = std::min(groups.offsets[g + 1], r0 + kRowBlock);
-      for (int64_t f0 = 0; f0 < f; f0 += kWeightChunk) items.push_back({g, f0, r0, r1});
+      const int64_t chunk = FfnChunk(f, r1 - r0);
+      for (int64_t f0 = 0; f0 < f; f0 += chunk) {
+        items.push_back({g, f0, std::min(f, f0 + chunk), r0, r1});
+      }
     }
   }
   common::ThreadPool::Default().ParallelFor(
       static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
-        std::vector<float> gu(2 * kRowBlock * kWeightChunk);  // [rows, 2, chunk]
-        std::vector<float*> g_rows(kRowBlock), u_rows(kRowBlock);
+        float* g_rows[kRowBlock];
+        float* u_rows[kRowBlock];
         for (int64_t it = begin; it < end; ++it) {
           const Item& item = items[it];
           const SwigluWeights& w = *groups.weights[item.group];
           const int64_t m = item.r1 - item.r0;
-          const int64_t n = std::min(kWeightChunk, f - item.f0);
+          const int64_t n = item.f1 - item.f0;
+          // [rows, 2, n]: gate then up outputs of each row.
+          float* gu = internal::ThreadScratchAs<float>(internal::kScratchGateUp,
+                                                       static_cast<size_t>(m) * 2 * n);
           for (int64_t i = 0; i < m; ++i) {
-            g_rows[i] = gu.data() + i * 2 * kWeightChunk;
-            u_rows[i] = g_rows[i] + kWeightChunk;
+            g_rows[i] = gu + i * 2 * n;
+            u_rows[i] = g_rows[i] + n;
           }
           const bool bf16 = w.gate.dtype() == DType::kBF16;
           const size_t wsize = bf16 ? 2 : 4;
@@ -128,43 +132,46 @@ void RunSwiglu(const TensorView& x, const Groups& groups, const TensorView& out,
                                        .w_bf16 = bf16, .n = n, .k = h};
           mb.w = static_cast<const char*>(w.gate.data()) + item.f0 * w.gate.strides()[0] * wsize;
           mb.ldw = w.gate.strides()[0];
-          mb.c_rows = g_rows.data();
+          mb.c_rows = g_rows;
           internal::MatmulBlock(mb);
           mb.w = static_cast<const char*>(w.up.data()) + item.f0 * w.up.strides()[0] * wsize;
           mb.ldw = w.up.strides()[0];
-          mb.c_rows = u_rows.data();
+          mb.c_rows = u_rows;
           internal::MatmulBlock(mb);
           const bool down_bf16 = w.down.dtype() == DType::kBF16;
           for (int64_t i = 0; i < m; ++i) {
             float* act = g_rows[i];  // silu(g) * u, in place
             internal::SiluMul(act, u_rows[i], act, n);
-            const int64_t r = item.r0 + i;
+            char* dst = h_data + static_cast<size_t>(item.r0 + i) * f * 4;
             if (down_bf16) {
-              internal::ConvertToBf16(act, h_bf16.data() + r * f + item.f0, n);
+              internal::ConvertToBf16(act, reinterpret_cast<uint16_t*>(dst) + item.f0, n);
             } else {
-              std::memcpy(h_f32.data() + r * f + item.f0, act, n * sizeof(float));
+              std::memcpy(reinterpret_cast<float*>(dst) + item.f0, act, n * sizeof(float));
             }
           }
         }
       });
 
-  // Pass 2: items = chunks of output columns; each walks all groups in order.
-  const int64_t col_chunks = (h + kWeightChunk - 1) / kWeightChunk;
+  // Pass 2: items = ranges of output columns (down-projection rows); each walks all groups
+  // in order.
+  const int64_t col_chunk = max_group_rows <= internal::kStreamMaxRows
+                                ? std::min(h, internal::StreamChunkRows(h))
+                                : kWeightChunk;
+  const int64_t col_chunks = (h + col_chunk - 1) / col_chunk;
   common::ThreadPool::Default().ParallelFor(col_chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float*> c_rows;
+    std::vector<float*> c_rows(max_group_rows);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
-      const int64_t c0 = chunk * kWeightChunk;
+      const int64_t c0 = chunk * col_chunk;
       for (int64_t g = 0; g < num_groups; ++g) {
         const SwigluWeights& w = *groups.weights[g];
         const bool bf16 = w.down.dtype() == DType::kBF16;
         const int64_t r_begin = groups.offsets[g], r_end = groups.offsets[g + 1];
-        c_rows.resize(r_end - r_begin);
         for (int64_t r = r_begin; r < r_end; ++r) c_rows[r - r_begin] = out_rows[r] + c0;
         internal::MatmulBlockArgs mb{
             .a_rows = h_rows.data() + r_begin, .m = r_end - r_begin,
             .w = static_cast<const char*>(w.down.data()) +
                  c0 * w.down.strides()[0] * (bf16 ? 2 : 4),
-            .ldw = w.down.strides()[0], .w_bf16 = bf16, .n = std::min(kWeightChunk, h - c0),
+            .ldw = w.down.strides()[0], .w_bf16 = bf16, .n = std::min(col_chunk, h - c0),
             .k = f, .c_rows = c_rows.data(),
             .row_scale = groups.scale.empty() ? nullptr : groups.scale.data() + r_begin,
             .accumulate = accumulate};

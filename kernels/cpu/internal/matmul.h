@@ -1,7 +1,8 @@
 // Host-side helpers shared by Linear, Mlp and ExpertFfn: activation rows in the form
 // MatmulBlock (simd.h) wants, and the tiling constants of the weight-streaming loops.
 //
-//   ActivationRows a(x, /*bf16=*/true);          // converts [M, K] f32 to bf16 once
+//   ActivationRows a(x, /*bf16=*/true);          // converts [M, K] f32 to bf16 once, into
+//                                                // the thread's kScratchActivations slot
 //   MatmulBlockArgs mb{.a_rows = a.rows(), ...};
 // Not thread-safe to build; read-only afterwards (shared by the pool's threads).
 #pragma once
@@ -23,6 +24,32 @@ inline constexpr int64_t kWeightChunk = 32;
 inline constexpr int64_t kRowBlock = 128;
 inline constexpr int64_t kPackedRowBlock = 512;
 
+// Weight rows per work item when streaming (m <= kStreamMaxRows, bf16): the n rows are cut
+// into about kStreamItemsPerThread contiguous ranges per pool thread, so each thread reads
+// long sequential stretches of the weight matrix (the hardware prefetcher follows one
+// stream well, several short ones poorly). At least kStreamMinChunk rows, a multiple of 16.
+inline constexpr int64_t kStreamItemsPerThread = 2;
+inline constexpr int64_t kStreamMinChunk = 16;
+int64_t StreamChunkRows(int64_t n);
+
+// Per-thread scratch reused across kernel calls instead of a fresh allocation per call
+// (large vectors cost an mmap and page clearing each time). Slot `slot` of the calling
+// thread, grown to at least `bytes` (64-byte aligned, contents undefined); valid until the
+// next ThreadScratch call with the same slot on the same thread.
+enum ScratchSlot : int {
+  kScratchActivations = 0,  // ActivationRows' bf16 copy
+  kScratchHidden,           // RunSwiglu: silu(gate) * up for every routed row
+  kScratchGateUp,           // RunSwiglu pass 1: one item's gate and up outputs
+  kScratchPointers,         // row pointer tables
+  kScratchAttention,        // PagedAttention per-item buffers
+  kNumScratchSlots,
+};
+void* ThreadScratch(ScratchSlot slot, size_t bytes);
+template <typename T>
+T* ThreadScratchAs(ScratchSlot slot, size_t count) {
+  return static_cast<T*>(ThreadScratch(slot, count * sizeof(T)));
+}
+
 // Rows of an [M, K] f32 view, converted to bf16 (for bf16 weights) or referenced in place.
 class ActivationRows {
  public:
@@ -33,12 +60,12 @@ class ActivationRows {
   int64_t size() const { return static_cast<int64_t>(rows_.size()); }
 
  private:
-  std::vector<uint16_t> bf16_;  // [M, K] when converted
   std::vector<const void*> rows_;
 };
 
-// Runs MatmulBlock over [0, n) weight rows in chunks of kWeightChunk and [0, m) activation
-// rows in blocks of kRowBlock on the default pool. c_rows[i] points at output row i's
+// Runs MatmulBlock on the default pool: for bf16 with m <= kStreamMaxRows over contiguous
+// ranges of StreamChunkRows(n) weight rows with all m rows; otherwise over chunks of
+// kWeightChunk weight rows × blocks of activation rows. c_rows[i] points at output row i's
 // column 0.
 void ParallelMatmul(const MatmulBlockArgs& args);
 

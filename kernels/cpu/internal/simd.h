@@ -33,6 +33,10 @@ struct MatmulBlockArgs {
   bool accumulate = false;
 };
 
+// bf16 matmuls with at most this many activation rows stream each weight row once
+// (decode); more rows take the packed-panel GEMM, which repacks weights per call.
+inline constexpr int64_t kStreamMaxRows = 31;
+
 bool HasAvx512Bf16();
 
 void MatmulBlock(const MatmulBlockArgs& args);
