@@ -1,10 +1,12 @@
 // CPU kernels: paged KV cache writes and paged attention.
 //
-// PagedAttention runs one work item per (query row, query head): it walks the sequence's
-// cache blocks in order with an online softmax (one rescale per block), scoring a block of
-// keys with DotRows and folding its values in with AccumulateRows (internal/simd.h). Keys
-// and values are read through their views' strides, so MLA's v (the first L features of the
-// latent cache row) needs no copy.
+// PagedAttention runs one work item per (sequence, KV head, block of up to kQueryRowBlock
+// query rows): the item covers every query head of the KV head's GQA group, so each cache
+// block's keys and values are read from memory once and then serve all of the item's
+// (row, head) queries from L1. It walks the sequence's cache blocks in order with an online
+// softmax per query (one rescale per block), scoring a block of keys with DotRows and folding
+// its values in with AccumulateRows (internal/simd.h). Keys and values are read through their
+// views' strides, so MLA's v (the first L features of the latent cache row) needs no copy.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -13,6 +15,7 @@
 #include "common/thread_pool.h"
 #include "kernels/cpu/cpu_kernels.h"
 #include "kernels/cpu/internal/check.h"
+#include "kernels/cpu/internal/matmul.h"
 #include "kernels/cpu/internal/simd.h"
 
 namespace moe::kernels::cpu {
@@ -23,6 +26,10 @@ using common::TensorView;
 using internal::CheckView;
 using internal::Invalid;
 using internal::kAnyDim;
+
+// Query rows per work item: prefill rows of one sequence are split into blocks of this many
+// so both cores share a long prompt (items with later rows, which see more keys, run first).
+constexpr int64_t kQueryRowBlock = 16;
 
 // Converts one row of n f32 values into the cache's dtype.
 void StoreRow(const float* src, int64_t n, DType dtype, void* dst) {
@@ -108,8 +115,7 @@ absl::Status PagedAttention(const AttentionArgs& args) {
                                 " query heads"));
   }
   const std::vector<AttentionSeq>& seqs = *args.seqs;
-  // Query row -> its sequence; rows no sequence covers are left untouched.
-  std::vector<int32_t> seq_of(t, -1);
+  // Rows no sequence covers are left untouched.
   for (size_t s = 0; s < seqs.size(); ++s) {
     const AttentionSeq& seq = seqs[s];
     const std::string field = absl::StrCat("seqs[", s, "]");
@@ -133,51 +139,93 @@ absl::Status PagedAttention(const AttentionArgs& args) {
                                     " is outside the cache's ", num_blocks, " blocks"));
       }
     }
-    for (int32_t i = seq.q_start; i < seq.q_start + seq.q_len; ++i) seq_of[i] = s;
   }
   const bool k_bf16 = args.k_cache.dtype() == DType::kBF16;
   const bool v_bf16 = args.v_cache.dtype() == DType::kBF16;
   const int64_t group = heads / kv_heads;
-  common::ThreadPool::Default().ParallelFor(t * heads, 0, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(block_size);
-    std::vector<float> acc(dv);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t row = item / heads, h = item % heads, kvh = h / group;
-      if (seq_of[row] < 0) continue;
-      const AttentionSeq& seq = seqs[seq_of[row]];
-      // Position of this query in its sequence; it sees keys [0, pos].
-      const int64_t pos = seq.context_len - seq.q_len + (row - seq.q_start);
-      const float* q = &args.q.at<float>(row, h);  // [T, heads, D]
-      float max_score = -std::numeric_limits<float>::infinity();
-      float denom = 0.0f;
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t b = 0; b * block_size <= pos; ++b) {
-        const int64_t n = std::min(block_size, pos + 1 - b * block_size);
-        const int64_t block = seq.block_table[b];
-        internal::DotRows(q, CacheRow(args.k_cache, block, 0, kvh), k_bf16,
-                          args.k_cache.strides()[1], n, d, scores.data());
-        float block_max = -std::numeric_limits<float>::infinity();
-        for (int64_t j = 0; j < n; ++j) {
-          scores[j] *= args.scale;
-          block_max = std::max(block_max, scores[j]);
-        }
-        const float new_max = std::max(max_score, block_max);
-        const float rescale = std::exp(max_score - new_max);  // 0 on the first block
-        float block_sum = 0.0f;
-        for (int64_t j = 0; j < n; ++j) {
-          scores[j] = std::exp(scores[j] - new_max);
-          block_sum += scores[j];
-        }
-        denom = denom * rescale + block_sum;
-        internal::AccumulateRows(scores.data(), CacheRow(args.v_cache, block, 0, kvh), v_bf16,
-                                 args.v_cache.strides()[1], n, dv, rescale, acc.data());
-        max_score = new_max;
+  // Items: (sequence, KV head, query-row block), the blocks of a sequence last-first.
+  struct Item {
+    int32_t seq;
+    int32_t kvh;
+    int32_t r0, r1;  // query rows (absolute rows of q)
+  };
+  std::vector<Item> items;
+  for (size_t s = 0; s < seqs.size(); ++s) {
+    const AttentionSeq& seq = seqs[s];
+    if (seq.q_len == 0) continue;
+    const int64_t blocks = (seq.q_len + kQueryRowBlock - 1) / kQueryRowBlock;
+    for (int64_t qb = blocks - 1; qb >= 0; --qb) {
+      const int32_t r0 = static_cast<int32_t>(seq.q_start + qb * kQueryRowBlock);
+      const int32_t r1 = static_cast<int32_t>(
+          std::min<int64_t>(seq.q_start + seq.q_len, r0 + kQueryRowBlock));
+      for (int64_t kvh = 0; kvh < kv_heads; ++kvh) {
+        items.push_back({static_cast<int32_t>(s), static_cast<int32_t>(kvh), r0, r1});
       }
-      float* out = &args.out.at<float>(row, h);  // [T, heads, Dv]
-      const float inv = 1.0f / denom;
-      for (int64_t i = 0; i < dv; ++i) out[i] = acc[i] * inv;
     }
-  });
+  }
+  common::ThreadPool::Default().ParallelFor(
+      static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> scores(block_size);
+        for (int64_t it = begin; it < end; ++it) {
+          const Item& item = items[it];
+          const AttentionSeq& seq = seqs[item.seq];
+          const int64_t nq = (item.r1 - item.r0) * group;  // queries: (row, head in group)
+          // Per query: running max, denominator, and the [dv] accumulator.
+          float* state = internal::ThreadScratchAs<float>(internal::kScratchAttention,
+                                                          static_cast<size_t>(nq) * (dv + 2));
+          float* max_score = state;
+          float* denom = state + nq;
+          float* acc = state + 2 * nq;
+          std::fill(max_score, max_score + nq, -std::numeric_limits<float>::infinity());
+          std::fill(denom, denom + nq, 0.0f);
+          std::fill(acc, acc + nq * dv, 0.0f);
+          // Position of the first query row; row r sees keys [0, first_pos + r - r0].
+          const int64_t first_pos = seq.context_len - seq.q_len + (item.r0 - seq.q_start);
+          const int64_t last_pos = first_pos + (item.r1 - 1 - item.r0);
+          for (int64_t b = 0; b * block_size <= last_pos; ++b) {
+            const int64_t block = seq.block_table[b];
+            const char* k_block = CacheRow(args.k_cache, block, 0, item.kvh);
+            const char* v_block = CacheRow(args.v_cache, block, 0, item.kvh);
+            for (int64_t row = item.r0; row < item.r1; ++row) {
+              const int64_t pos = first_pos + (row - item.r0);
+              if (b * block_size > pos) continue;  // causal: this row sees none of the block
+              const int64_t n = std::min(block_size, pos + 1 - b * block_size);
+              for (int64_t g = 0; g < group; ++g) {
+                const int64_t h = item.kvh * group + g;
+                const int64_t qi = (row - item.r0) * group + g;
+                const float* q = &args.q.at<float>(row, h);  // [T, heads, D]
+                internal::DotRows(q, k_block, k_bf16, args.k_cache.strides()[1], n, d,
+                                  scores.data());
+                float block_max = -std::numeric_limits<float>::infinity();
+                for (int64_t j = 0; j < n; ++j) {
+                  scores[j] *= args.scale;
+                  block_max = std::max(block_max, scores[j]);
+                }
+                const float new_max = std::max(max_score[qi], block_max);
+                const float rescale = std::exp(max_score[qi] - new_max);  // 0 on the first block
+                float block_sum = 0.0f;
+                for (int64_t j = 0; j < n; ++j) {
+                  scores[j] = std::exp(scores[j] - new_max);
+                  block_sum += scores[j];
+                }
+                denom[qi] = denom[qi] * rescale + block_sum;
+                internal::AccumulateRows(scores.data(), v_block, v_bf16,
+                                         args.v_cache.strides()[1], n, dv, rescale,
+                                         acc + qi * dv);
+                max_score[qi] = new_max;
+              }
+            }
+          }
+          for (int64_t row = item.r0; row < item.r1; ++row) {
+            for (int64_t g = 0; g < group; ++g) {
+              const int64_t qi = (row - item.r0) * group + g;
+              float* out = &args.out.at<float>(row, item.kvh * group + g);  // [T, heads, Dv]
+              const float inv = 1.0f / denom[qi];
+              for (int64_t i = 0; i < dv; ++i) out[i] = acc[qi * dv + i] * inv;
+            }
+          }
+        }
+      });
   return absl::OkStatus();
 }
 

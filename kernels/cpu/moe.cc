@@ -2,8 +2,9 @@
 //
 // ExpertFfn and Mlp share one grouped SwiGLU (RunSwiglu): token rows are grouped by expert,
 // then two parallel passes run over (expert, weight-chunk) work items:
-//   1. gate and up: for each expert and chunk of kWeightChunk FFN rows, both weight slabs are
-//      streamed once for all of the expert's rows; h = silu(g) * u is written in the form the
+//   1. gate and up: for each expert and range of FFN rows (a long contiguous range at decode
+//      sizes, kWeightChunk rows for the packed GEMM), both weight slabs are streamed once for
+//      all of the expert's rows; h = silu(g) * u is written in the form the
 //      down projection wants (bf16 or f32).
 //   2. down: each item owns a chunk of output columns and walks all experts in id order,
 //      adding weight * (h · downᵀ) into out. Items never share output, so no atomics, and the
