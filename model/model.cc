@@ -159,6 +159,7 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir,
   WeightsOptions wopts;
   wopts.dtype = options.dtype;
   wopts.experts = options.experts;
+  wopts.huge_pages = options.huge_pages;
   MOE_ASSIGN_OR_RETURN(m->weights_, ModelWeights::Load(dir, config, wopts));
   MOE_ASSIGN_OR_RETURN(m->kv_cache_, KvCache::Create(config, options.kv));
 

@@ -121,6 +121,9 @@ struct ModelOptions {
   KvCacheOptions kv;
   // Routed experts to hold (null = all); see WeightsOptions::experts.
   std::function<bool(int layer, int expert)> experts;
+  // Copy the weights into 2 MiB huge pages at load (WeightsOptions::huge_pages); false keeps
+  // zero-copy views of the checkpoint's mapping.
+  bool huge_pages = true;
   // Scratch sized up front for this many tokens per batch (grown on demand).
   int initial_batch_tokens = 256;
 };

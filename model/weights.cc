@@ -1,7 +1,13 @@
 #include "model/weights.h"
 
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cstring>
+#include <fstream>
 #include <map>
 
+#include "common/logging.h"
 #include "common/thread_pool.h"
 #include "model/tensor_names.h"
 
@@ -32,7 +38,71 @@ void StoreElement(const TensorView& v, int64_t i, float x) {
 
 bool IsFloat(DType d) { return d == DType::kF32 || d == DType::kBF16 || d == DType::kF16; }
 
+// Whether transparent huge pages can back an madvise'd region: "always" or "madvise" is
+// selected in /sys/kernel/mm/transparent_hugepage/enabled. Empty = yes, else the reason.
+std::string HugePagesUnavailable() {
+  std::ifstream f("/sys/kernel/mm/transparent_hugepage/enabled");
+  std::string line;
+  if (!f || !std::getline(f, line)) {
+    return "cannot read /sys/kernel/mm/transparent_hugepage/enabled";
+  }
+  if (line.find("[never]") != std::string::npos) return "transparent huge pages are disabled";
+  return "";
+}
+
 }  // namespace
+
+// Bump allocator over anonymous regions of 2 MiB-aligned memory advised MADV_HUGEPAGE.
+// Regions are reserved in kRegionBytes steps (address space only: pages are backed when the
+// copy touches them), or exactly sized for a larger tensor.
+class ModelWeights::HugePageArena {
+ public:
+  static constexpr size_t kHugePage = size_t{2} << 20;
+  static constexpr size_t kRegionBytes = size_t{1} << 30;
+
+  ~HugePageArena() {
+    for (const Region& r : regions_) munmap(r.base, r.bytes);
+  }
+
+  // `bytes` of 64-byte aligned memory, or nullptr when the mapping fails.
+  void* Allocate(size_t bytes) {
+    bytes = (bytes + 63) / 64 * 64;
+    if (regions_.empty() || regions_.back().used + bytes > regions_.back().usable) {
+      if (!NewRegion(std::max(bytes, kRegionBytes))) return nullptr;
+    }
+    Region& r = regions_.back();
+    void* p = static_cast<char*>(r.aligned) + r.used;
+    r.used += bytes;
+    return p;
+  }
+
+ private:
+  struct Region {
+    void* base;      // as mapped
+    size_t bytes;    // as mapped
+    void* aligned;   // first 2 MiB boundary
+    size_t usable;   // bytes from `aligned`
+    size_t used;
+  };
+
+  bool NewRegion(size_t bytes) {
+    bytes = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+    const size_t mapped = bytes + kHugePage;  // room to align the start
+    void* base = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                      -1, 0);
+    if (base == MAP_FAILED) return false;
+    const uintptr_t start = reinterpret_cast<uintptr_t>(base);
+    void* aligned = reinterpret_cast<void*>((start + kHugePage - 1) / kHugePage * kHugePage);
+    madvise(aligned, bytes, MADV_HUGEPAGE);  // a hint: failure leaves 4 KiB pages
+    regions_.push_back({base, mapped, aligned, bytes, 0});
+    return true;
+  }
+
+  std::vector<Region> regions_;
+};
+
+ModelWeights::ModelWeights() = default;
+ModelWeights::~ModelWeights() = default;
 
 // Fetches, checks and converts tensors for one Load call.
 class ModelWeights::Loader {
@@ -53,7 +123,11 @@ class ModelWeights::Loader {
     if (options_.dtype.has_value()) target = *options_.dtype;
     if (keep_f32) target = DType::kF32;
     TensorView out = src;
-    if (target != src.dtype()) out = Convert(src, target);
+    if (target != src.dtype()) {
+      out = Convert(src, target);
+    } else if (options_.huge_pages) {
+      out = CopyToHugePages(src);
+    }
     w_.total_bytes_ += out.nbytes();
     cache_[name] = out;
     return out;
@@ -89,8 +163,43 @@ class ModelWeights::Loader {
     return dst;
   }
 
+  // A copy of the mapped `src` in the huge-page arena; `src` itself when huge pages are not
+  // available (logged once).
+  TensorView CopyToHugePages(const TensorView& src) {
+    if (!huge_pages_failed_ && w_.huge_pages_ == nullptr) {
+      if (std::string why = HugePagesUnavailable(); !why.empty()) {
+        MOE_LOG(INFO) << "weights stay in the file mapping (4 KiB pages)"
+                      << common::Kv("reason", why);
+        huge_pages_failed_ = true;
+      } else {
+        w_.huge_pages_ = std::make_unique<HugePageArena>();
+      }
+    }
+    if (huge_pages_failed_) return src;
+    void* dst = w_.huge_pages_->Allocate(src.nbytes());
+    if (dst == nullptr) {
+      MOE_LOG(WARNING) << "weights stay in the file mapping (4 KiB pages)"
+                       << common::Kv("reason", "anonymous mmap failed")
+                       << common::Kv("copied_bytes", w_.huge_page_bytes_);
+      huge_pages_failed_ = true;
+      return src;
+    }
+    const char* from = static_cast<const char*>(src.data());
+    char* to = static_cast<char*>(dst);
+    constexpr int64_t kPiece = int64_t{1} << 20;
+    const int64_t bytes = static_cast<int64_t>(src.nbytes());
+    common::ThreadPool::Default().ParallelFor(
+        (bytes + kPiece - 1) / kPiece, 1, [&](int64_t begin, int64_t end) {
+          const int64_t b0 = begin * kPiece, b1 = std::min(bytes, end * kPiece);
+          std::memcpy(to + b0, from + b0, b1 - b0);
+        });
+    w_.huge_page_bytes_ += src.nbytes();
+    return TensorView(dst, src.dtype(), src.shape());
+  }
+
   ModelWeights& w_;
   const WeightsOptions& options_;
+  bool huge_pages_failed_ = false;
   std::map<std::string, TensorView> cache_;  // tied tensors are loaded once
 };
 
@@ -202,6 +311,10 @@ absl::StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Load(
       MOE_ASSIGN_OR_RETURN(ew.down, loader.Get(specs[2].name, specs[2].shape));
       ++w->num_loaded_experts_;
     }
+  }
+  if (w->huge_page_bytes_ > 0) {
+    MOE_LOG(INFO) << "weights copied into 2 MiB huge pages"
+                  << common::Kv("bytes", w->huge_page_bytes_);
   }
   return w;
 }

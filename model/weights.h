@@ -20,6 +20,14 @@
 // owned transposed copy), w_uv[h] = the v rows of kv_b_proj [dv, L] (a view), and q_pe[h] =
 // the rope rows of q_b_proj / q_proj [R, q_in] (a view).
 //
+// Huge pages (WeightsOptions::huge_pages, on by default): the zero-copy views are instead
+// copied at load into anonymous memory in 2 MiB-aligned regions advised MADV_HUGEPAGE, so
+// the kernels stream weights through 2 MiB pages (decode reads ~40 % faster than through the
+// 4 KiB pages of the file mapping on our CI-class Zen 4 machine). When transparent huge pages
+// are disabled ("never" in /sys/kernel/mm/transparent_hugepage/enabled) or the allocation
+// fails, Load logs one line and keeps the views into the mapping. Set huge_pages = false
+// for zero copy (e.g. when the page cache should be shared between processes).
+//
 // Threads: immutable after Load; any thread may read the views.
 //
 //   WeightsOptions opts;
@@ -54,6 +62,8 @@ struct WeightsOptions {
   // Embeddings, norms, attention, routers, dense MLPs, shared experts, LM head. An expert
   // rank sets false and holds only its routed experts.
   bool load_non_expert = true;
+  // Copy the weights that would be views of the mapping into 2 MiB huge pages (see above).
+  bool huge_pages = true;
 };
 
 struct AttentionWeights {
@@ -104,6 +114,7 @@ class ModelWeights {
   static absl::StatusOr<std::unique_ptr<ModelWeights>> Load(
       std::unique_ptr<SafetensorsReader> reader, const ModelConfig& config,
       const WeightsOptions& options = {});
+  ~ModelWeights();
 
   const ModelConfig& config() const { return config_; }
   common::TensorView embedding() const { return embedding_; }    // [V, hidden]
@@ -114,19 +125,25 @@ class ModelWeights {
 
   // Routed experts loaded, over all layers.
   int64_t num_loaded_experts() const { return num_loaded_experts_; }
-  // Bytes of converted copies held in memory (zero-copy views are not counted).
+  // Bytes of converted copies held in memory (zero-copy views and their huge-page copies
+  // are not counted).
   size_t owned_bytes() const;
+  // Bytes of mapped tensors copied into huge pages (0 with huge_pages off or unavailable).
+  size_t huge_page_bytes() const { return huge_page_bytes_; }
   // Bytes of every view the weights expose (mapped or owned), experts included.
   size_t total_bytes() const { return total_bytes_; }
   SafetensorsReader& reader() { return *reader_; }
 
  private:
   class Loader;
-  ModelWeights() = default;
+  class HugePageArena;
+  ModelWeights();
 
   ModelConfig config_;
   std::unique_ptr<SafetensorsReader> reader_;
   std::vector<common::Tensor> owned_;  // converted copies (buffers never move)
+  std::unique_ptr<HugePageArena> huge_pages_;  // copies of mapped tensors, or null
+  size_t huge_page_bytes_ = 0;
   common::TensorView embedding_, final_norm_, lm_head_;
   std::vector<LayerWeights> layers_;
   int64_t num_loaded_experts_ = 0;
