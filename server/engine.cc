@@ -11,65 +11,6 @@
 namespace moe::server {
 
 // ---------------------------------------------------------------------------------------
-// InProcessAttentionWorker
-
-absl::StatusOr<StepOutput> InProcessAttentionWorker::Step(const StepInput& input) {
-  StepOutput output;
-  output.step_id = input.step_id;
-  for (SeqId id : input.freed_seq_ids) seqs_.erase(id);
-  for (const StepInput::NewSequence& ns : input.new_sequences) {
-    Sequence seq;
-    seq.tokens = ns.prompt_token_ids;
-    seq.tokens.insert(seq.tokens.end(), ns.output_token_ids.begin(), ns.output_token_ids.end());
-    seq.sampler = std::make_unique<model::SequenceSampler>(ns.sampling, ns.prompt_token_ids,
-                                                           ns.output_token_ids);
-    seqs_[ns.seq_id] = std::move(seq);
-  }
-  if (input.chunks.empty()) return output;
-
-  model::ForwardBatch batch;
-  std::vector<Sequence*> refs;
-  for (const StepInput::Chunk& c : input.chunks) {
-    auto it = seqs_.find(c.seq_id);
-    if (it == seqs_.end()) {
-      return absl::InvalidArgumentError(absl::StrCat("chunk of unknown sequence ", c.seq_id));
-    }
-    Sequence& seq = it->second;
-    const int64_t end = static_cast<int64_t>(c.start_position) + c.num_tokens;
-    if (c.num_tokens <= 0 || c.start_position < 0 ||
-        end > static_cast<int64_t>(seq.tokens.size()) ||
-        (c.sample && end != static_cast<int64_t>(seq.tokens.size()))) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("chunk of sequence ", c.seq_id, ": positions [", c.start_position, ", ",
-                       end, ") do not fit its ", seq.tokens.size(), " tokens"));
-    }
-    batch.seqs.push_back(
-        {.tokens = std::span<const int32_t>(seq.tokens).subspan(c.start_position, c.num_tokens),
-         .start_position = c.start_position,
-         .block_table = c.block_table,
-         .logits = c.sample ? model::LogitsRows::kLast : model::LogitsRows::kNone});
-    refs.push_back(&seq);
-  }
-  const auto t0 = std::chrono::steady_clock::now();
-  MOE_ASSIGN_OR_RETURN(model::ForwardOutput out, model_.Forward(batch));
-  output.forward_seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  const int64_t vocab = out.logits.dim(1);
-  for (size_t i = 0; i < input.chunks.size(); ++i) {
-    const StepInput::Chunk& c = input.chunks[i];
-    if (!c.sample) continue;
-    const float* row = out.logits.data_as<float>() + int64_t{out.logits_offset[i]} * vocab;
-    model::SampleOutput s = refs[i]->sampler->Sample(std::span<const float>(row, vocab));
-    refs[i]->tokens.push_back(s.token);
-    output.tokens.push_back({.seq_id = c.seq_id,
-                             .token_id = s.token,
-                             .logprob = s.logprob,
-                             .top_logprobs = std::move(s.top_logprobs)});
-  }
-  return output;
-}
-
-// ---------------------------------------------------------------------------------------
 // RequestStream
 
 bool RequestStream::Next(std::vector<ChoiceDelta>* out, absl::Duration timeout) {
@@ -148,6 +89,7 @@ struct Engine::Sequence {
   std::vector<int32_t> outputs;
   std::unique_ptr<model::IncrementalDecoder> decoder;
   std::string held;  // text that may still become a stop string
+  int worker = 0;  // index into workers_
   bool sent_to_worker = false;
   bool finished = false;
   double last_token_time = 0.0;
@@ -173,24 +115,36 @@ bool Contains(const std::vector<int32_t>& v, int32_t x) {
 
 }  // namespace
 
-Engine::Engine(EngineOptions options, std::unique_ptr<AttentionWorker> worker)
-    : options_(std::move(options)),
-      worker_(std::move(worker)),
-      scheduler_(options_.scheduler) {
+Engine::Engine(EngineOptions options, std::vector<std::unique_ptr<AttentionWorker>> workers)
+    : options_(std::move(options)) {
+  for (auto& w : workers) {
+    workers_.push_back(std::make_unique<Worker>(std::move(w), options_.scheduler));
+  }
+  assigned_.assign(workers_.size(), 0);
   std::random_device rd;
   seed_state_ = (uint64_t{rd()} << 32) ^ rd();
 }
 
 absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(EngineOptions options,
                                                        std::unique_ptr<AttentionWorker> worker) {
-  if (worker == nullptr) return absl::InvalidArgumentError("worker: must not be null");
+  std::vector<std::unique_ptr<AttentionWorker>> workers;
+  workers.push_back(std::move(worker));
+  return Create(std::move(options), std::move(workers));
+}
+
+absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
+    EngineOptions options, std::vector<std::unique_ptr<AttentionWorker>> workers) {
+  if (workers.empty()) return absl::InvalidArgumentError("workers: need at least one");
+  for (const auto& w : workers) {
+    if (w == nullptr) return absl::InvalidArgumentError("worker: must not be null");
+  }
   const BatchSchedulerOptions& s = options.scheduler;
   if (s.max_num_seqs <= 0 || s.max_num_batched_tokens <= 0 || s.block_size <= 0 ||
       s.num_blocks <= 0 || s.max_model_len <= 1 || s.max_waiting <= 0) {
     return absl::InvalidArgumentError("scheduler options must be positive");
   }
   if (!options.now) options.now = SteadySeconds;
-  std::unique_ptr<Engine> engine(new Engine(std::move(options), std::move(worker)));
+  std::unique_ptr<Engine> engine(new Engine(std::move(options), std::move(workers)));
   MOE_RETURN_IF_ERROR(engine->InitMetrics());
   engine->thread_ = std::thread([e = engine.get()] { e->Loop(); });
   return engine;
@@ -345,7 +299,7 @@ void Engine::Loop() {
     bool stopping = false, abort_all = false;
     {
       absl::MutexLock lock(&mu_);
-      if (!scheduler_.has_work() && pending_free_.empty()) {
+      if (!HasWork()) {
         auto signalled = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
           return !incoming_.empty() || stopping_ || abort_all_;
         };
@@ -370,112 +324,194 @@ void Engine::Loop() {
     std::erase_if(requests_, [](const auto& kv) { return kv.second->closed; });
     if (stopping) break;
 
-    StepPlan plan = scheduler_.Schedule();
+    if (!PlanSteps(now)) {
+      bool work = false;
+      for (const auto& w : workers_) work = work || w->scheduler.has_work();
+      // Work that cannot be scheduled now (should not happen: a sequence that can never
+      // fit is dropped); do not spin.
+      if (work) absl::SleepFor(absl::Milliseconds(1));
+      UpdateGauges();
+      continue;
+    }
+    UpdateGauges();
+    const double t0 = options_.now();
+    RunSteps();
+    now = options_.now();
+
+    int num_tokens = 0, num_seqs = 0, num_computing = 0, num_failed = 0;
+    absl::Status last_error;
+    for (size_t wi = 0; wi < workers_.size(); ++wi) {
+      Worker& w = *workers_[wi];
+      if (!w.stepping) continue;
+      w.stepping = false;
+      if (w.input.chunks.empty()) continue;  // frees only: errors do not matter
+      ++num_computing;
+      num_tokens += w.num_batched_tokens;
+      num_seqs += static_cast<int>(w.input.chunks.size());
+      if (!w.out.ok()) {
+        ++num_failed;
+        last_error = w.out.status();
+        metrics_->step_errors->Inc();
+        MOE_LOG(ERROR) << "engine step failed" << common::Kv("worker", wi)
+                       << common::Kv("step", w.input.step_id) << ": " << w.out.status().ToString();
+        for (const StepInput::Chunk& c : w.input.chunks) {
+          auto it = seqs_.find(c.seq_id);
+          if (it != seqs_.end()) FailRequest(*it->second->request, w.out.status(), now);
+        }
+        continue;
+      }
+      StepUpdate update;
+      std::vector<SeqId> finished;
+      for (const StepOutput::Token& t : w.out->tokens) {
+        auto it = seqs_.find(t.seq_id);
+        if (it == seqs_.end()) continue;
+        update.tokens.push_back({t.seq_id, t.token_id});
+        ProcessToken(*it->second, t, now, &finished);
+      }
+      w.scheduler.Update(update);
+    }
+    if (num_computing > 0) {
+      metrics_->step->Observe(now - t0);
+      metrics_->iteration_tokens->Observe(num_tokens);
+      metrics_->iteration_seqs->Observe(num_seqs);
+    }
+    std::erase_if(requests_, [](const auto& kv) { return kv.second->closed; });
+    if (num_computing > 0 && num_failed == num_computing) {
+      const int limit = options_.max_consecutive_step_failures;
+      if (++consecutive_failures_ >= limit && limit > 0) {
+        Die(last_error, now);
+        return;
+      }
+    } else if (num_computing > 0) {
+      consecutive_failures_ = 0;
+    }
+    UpdateGauges();
+  }
+  UpdateGauges();
+}
+
+bool Engine::HasWork() const {
+  for (const auto& w : workers_) {
+    if (w->scheduler.has_work() || !w->pending_free.empty()) return true;
+  }
+  return false;
+}
+
+bool Engine::PlanSteps(double now) {
+  bool any = false;
+  // One step id for the whole iteration: expert ranks merge the dispatches of every
+  // attention worker for the same (step, layer).
+  const uint64_t step_id = next_step_id_;
+  for (auto& wp : workers_) {
+    Worker& w = *wp;
+    w.stepping = false;
+    StepPlan plan = w.scheduler.Schedule();
     for (SeqId id : plan.dropped) {
       auto it = seqs_.find(id);
       if (it != seqs_.end()) FinishSequence(*it->second, "length", now);
     }
-    if (plan.empty()) {
-      if (!pending_free_.empty()) {
-        StepInput input;
-        input.step_id = next_step_id_++;
-        input.freed_seq_ids.swap(pending_free_);
-        (void)worker_->Step(input);
-      } else if (scheduler_.has_work()) {
-        // Work that cannot be scheduled now (should not happen: a sequence that can never
-        // fit is dropped); do not spin.
-        absl::SleepFor(absl::Milliseconds(1));
-      }
-      UpdateGauges();
-      continue;
-    }
-
-    StepInput input;
-    input.step_id = next_step_id_++;
-    input.freed_seq_ids.swap(pending_free_);
+    if (plan.empty() && w.pending_free.empty()) continue;
+    w.input = StepInput{};
+    w.input.step_id = step_id;
+    w.input.freed_seq_ids.swap(w.pending_free);
+    w.num_batched_tokens = plan.num_batched_tokens;
     for (const ScheduledChunk& c : plan.chunks) {
       Sequence& seq = *seqs_.at(c.seq_id);
       if (!seq.sent_to_worker) {
-        input.new_sequences.push_back({.seq_id = seq.id,
-                                       .prompt_token_ids = seq.request->req.prompt,
-                                       .output_token_ids = seq.outputs,
-                                       .sampling = seq.sampling});
+        w.input.new_sequences.push_back({.seq_id = seq.id,
+                                         .prompt_token_ids = seq.request->req.prompt,
+                                         .output_token_ids = seq.outputs,
+                                         .sampling = seq.sampling});
         seq.sent_to_worker = true;
       }
       if (!seq.request->scheduled) {
         seq.request->scheduled = true;
         metrics_->queue->Observe(now - seq.request->arrival);
       }
-      input.chunks.push_back({.seq_id = c.seq_id,
-                              .start_position = c.start_position,
-                              .num_tokens = c.num_tokens,
-                              .block_table = {c.block_table.begin(), c.block_table.end()},
-                              .sample = c.sample});
+      w.input.chunks.push_back({.seq_id = c.seq_id,
+                                .start_position = c.start_position,
+                                .num_tokens = c.num_tokens,
+                                .block_table = {c.block_table.begin(), c.block_table.end()},
+                                .sample = c.sample});
     }
-    UpdateGauges();
-    const double t0 = options_.now();
-    absl::StatusOr<StepOutput> out = worker_->Step(input);
-    now = options_.now();
-    metrics_->step->Observe(now - t0);
-    metrics_->iteration_tokens->Observe(plan.num_batched_tokens);
-    metrics_->iteration_seqs->Observe(static_cast<double>(plan.chunks.size()));
-
-    if (!out.ok()) {
-      metrics_->step_errors->Inc();
-      MOE_LOG(ERROR) << "engine step failed: " << out.status().ToString();
-      for (const StepInput::Chunk& c : input.chunks) {
-        auto it = seqs_.find(c.seq_id);
-        if (it != seqs_.end()) FailRequest(*it->second->request, out.status(), now);
-      }
-      if (++consecutive_failures_ >= 3) {
-        dead_.store(true);
-        MOE_LOG(ERROR) << "engine: the attention worker failed 3 steps in a row; giving up";
-        for (auto& [key, r] : requests_) {
-          if (!r->closed) FailRequest(*r, out.status(), now);
-        }
-        std::vector<std::unique_ptr<Request>> rest;
-        {
-          absl::MutexLock lock(&mu_);
-          rest.swap(incoming_);
-        }
-        for (auto& r : rest) {
-          r->stream->Close(absl::UnavailableError("the engine stopped"), {});
-          unfinished_.fetch_sub(1);
-        }
-        std::erase_if(requests_, [](const auto& kv) { return kv.second->closed; });
-        UpdateGauges();
-        // Keep serving Submit's Unavailable; wait for Stop.
-        absl::MutexLock lock(&mu_);
-        auto stop = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stopping_; };
-        mu_.Await(absl::Condition(&stop));
-        return;
-      }
-      UpdateGauges();
-      continue;
-    }
-    consecutive_failures_ = 0;
-
-    StepUpdate update;
-    std::vector<SeqId> finished;
-    for (const StepOutput::Token& t : out->tokens) {
-      auto it = seqs_.find(t.seq_id);
-      if (it == seqs_.end()) continue;
-      update.tokens.push_back({t.seq_id, t.token_id});
-      ProcessToken(*it->second, t, now, &finished);
-    }
-    scheduler_.Update(update);
-    std::erase_if(requests_, [](const auto& kv) { return kv.second->closed; });
-    UpdateGauges();
+    w.stepping = true;
+    any = true;
   }
+  if (any) ++next_step_id_;
+  return any;
+}
+
+void Engine::RunSteps() {
+  std::vector<Worker*> active;
+  for (auto& w : workers_) {
+    if (w->stepping) active.push_back(w.get());
+  }
+  // The first runs on this thread, the others each on a thread of their own: a step takes
+  // milliseconds at least, far more than starting a thread.
+  std::vector<std::thread> threads;
+  for (size_t i = 1; i < active.size(); ++i) {
+    threads.emplace_back([w = active[i]] { w->out = w->worker->Step(w->input); });
+  }
+  if (!active.empty()) active[0]->out = active[0]->worker->Step(active[0]->input);
+  for (std::thread& t : threads) t.join();
+}
+
+void Engine::Die(const absl::Status& status, double now) {
+  dead_.store(true);
+  MOE_LOG(ERROR) << "engine: the attention workers failed " << consecutive_failures_
+                 << " steps in a row; giving up";
+  for (auto& [key, r] : requests_) {
+    if (!r->closed) FailRequest(*r, status, now);
+  }
+  std::vector<std::unique_ptr<Request>> rest;
+  {
+    absl::MutexLock lock(&mu_);
+    rest.swap(incoming_);
+  }
+  for (auto& r : rest) {
+    r->stream->Close(absl::UnavailableError("the engine stopped"), {});
+    unfinished_.fetch_sub(1);
+  }
+  std::erase_if(requests_, [](const auto& kv) { return kv.second->closed; });
   UpdateGauges();
+  // Keep serving Submit's Unavailable; wait for Stop.
+  absl::MutexLock lock(&mu_);
+  auto stop = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stopping_; };
+  mu_.Await(absl::Condition(&stop));
+}
+
+std::vector<int64_t> Engine::sequences_per_worker() const {
+  absl::MutexLock lock(&mu_);
+  return assigned_;
+}
+
+int Engine::PickWorker() const {
+  int best = 0;
+  auto load = [&](int i) {
+    const BatchScheduler& s = workers_[i]->scheduler;
+    return std::make_pair(s.num_running() + s.num_waiting(), s.kv_usage());
+  };
+  for (int i = 1; i < static_cast<int>(workers_.size()); ++i) {
+    if (load(i) < load(best)) best = i;
+  }
+  return best;
 }
 
 void Engine::UpdateGauges() {
-  metrics_->running->Set(scheduler_.num_running());
-  metrics_->waiting->Set(scheduler_.num_waiting());
-  metrics_->kv_usage->Set(scheduler_.kv_usage());
-  num_waiting_seqs_.store(scheduler_.num_waiting());
-  const int64_t preemptions = scheduler_.num_preemptions();
+  int running = 0, waiting = 0;
+  int64_t preemptions = 0;
+  double kv = 0.0;
+  for (const auto& w : workers_) {
+    running += w->scheduler.num_running();
+    waiting += w->scheduler.num_waiting();
+    kv += w->scheduler.kv_usage();
+    preemptions += w->scheduler.num_preemptions();
+  }
+  metrics_->running->Set(running);
+  metrics_->waiting->Set(waiting);
+  // Mean over the workers: every worker has a cache of the same size.
+  metrics_->kv_usage->Set(kv / static_cast<double>(workers_.size()));
+  num_waiting_seqs_.store(waiting);
   if (preemptions > reported_preemptions_) {
     metrics_->preemptions->Inc(static_cast<double>(preemptions - reported_preemptions_));
     reported_preemptions_ = preemptions;
@@ -503,7 +539,12 @@ void Engine::Admit(std::unique_ptr<Request> owned) {
       seq->decoder =
           std::make_unique<model::IncrementalDecoder>(*options_.tokenizer, req.skip_special_tokens);
     }
-    absl::Status added = scheduler_.Add(seq->id, req.prompt);
+    seq->worker = PickWorker();
+    absl::Status added = workers_[seq->worker]->scheduler.Add(seq->id, req.prompt);
+    if (added.ok()) {
+      absl::MutexLock lock(&mu_);
+      ++assigned_[seq->worker];
+    }
     seqs_[seq->id] = seq.get();
     r.seqs.push_back(std::move(seq));
     if (!added.ok()) {
@@ -512,7 +553,9 @@ void Engine::Admit(std::unique_ptr<Request> owned) {
     }
   }
   metrics_->prompt_tokens->Inc(static_cast<double>(req.prompt.size()));
-  num_waiting_seqs_.store(scheduler_.num_waiting());
+  int waiting = 0;
+  for (const auto& w : workers_) waiting += w->scheduler.num_waiting();
+  num_waiting_seqs_.store(waiting);
 }
 
 std::string Engine::HoldBackStopPrefix(Sequence& seq, std::string text,
@@ -613,8 +656,9 @@ void Engine::FinishSequence(Sequence& seq, const std::string& reason, double now
   delta.index = seq.index;
   delta.finish_reason = reason;
   r.stream->Push(std::move(delta), /*force=*/true);
-  scheduler_.Finish(seq.id);
-  if (seq.sent_to_worker) pending_free_.push_back(seq.id);
+  Worker& w = *workers_[seq.worker];
+  w.scheduler.Finish(seq.id);
+  if (seq.sent_to_worker) w.pending_free.push_back(seq.id);
   seqs_.erase(seq.id);
   auto counter = metrics_->success->WithLabels({reason});
   if (counter.ok()) (*counter)->Inc();
@@ -626,8 +670,9 @@ void Engine::FailRequest(Request& r, const absl::Status& status, double now) {
   for (auto& seq : r.seqs) {
     if (seq->finished) continue;
     seq->finished = true;
-    scheduler_.Finish(seq->id);
-    if (seq->sent_to_worker) pending_free_.push_back(seq->id);
+    Worker& w = *workers_[seq->worker];
+    w.scheduler.Finish(seq->id);
+    if (seq->sent_to_worker) w.pending_free.push_back(seq->id);
     seqs_.erase(seq->id);
     r.stream->Push({.index = seq->index, .finish_reason = "abort"}, /*force=*/true);
   }

@@ -1,6 +1,15 @@
-// Engine: the frontend's engine loop. One thread owns every request's state and a
-// BatchScheduler; each iteration it schedules a step, sends it to the attention worker,
-// and turns the sampled tokens into text deltas, stop decisions and metrics.
+// Engine: the frontend's engine loop. One thread owns every request's state and one
+// BatchScheduler per attention worker; each iteration it schedules a step for every worker
+// with work, sends them (in parallel when there are several), and turns the sampled tokens
+// into text deltas, stop decisions and metrics.
+//
+// Data-parallel attention: with several AttentionWorkers each owns its sequences and its KV
+// cache (options.scheduler sizes every worker's cache and budget alike). A new sequence goes
+// to the worker with the fewest running + waiting sequences (then the lowest KV usage, then
+// the lowest index) and stays there. A worker whose step fails fails only the requests of
+// that step; the others go on. With max_consecutive_step_failures > 0 the engine gives up
+// (healthy() false) after that many iterations in a row in which every stepped worker
+// failed; 0 keeps it serving (a cluster whose ranks can come back).
 //
 // Pieces (who owns what, which thread calls what):
 //   - AttentionWorker: the seam to the model. Step(StepInput) -> StepOutput is shaped like
@@ -71,43 +80,17 @@
 #include "model/sampler.h"
 #include "model/tokenizer.h"
 #include "server/batch_scheduler.h"
+#include "worker/attention/attention_step.h"
 
 namespace moe::server {
 
 // ---- The attention-worker seam (compare internal.proto StepRequest / StepResponse) ----
 
-struct StepInput {
-  struct NewSequence {
-    SeqId seq_id = 0;
-    std::vector<int32_t> prompt_token_ids;
-    // Tokens generated before (a sequence replayed on another worker); empty otherwise.
-    std::vector<int32_t> output_token_ids;
-    model::SamplingOptions sampling;
-  };
-  struct Chunk {
-    SeqId seq_id = 0;
-    int32_t start_position = 0;  // of the sequence's tokens (prompt + outputs)
-    int32_t num_tokens = 0;
-    std::vector<int32_t> block_table;  // covers start_position + num_tokens
-    bool sample = false;
-  };
-  uint64_t step_id = 0;
-  std::vector<NewSequence> new_sequences;
-  std::vector<Chunk> chunks;
-  std::vector<SeqId> freed_seq_ids;  // finished sequences: drop their state
-};
-
-struct StepOutput {
-  struct Token {
-    SeqId seq_id = 0;
-    int32_t token_id = 0;
-    float logprob = 0.0f;
-    std::vector<model::CandidateLogprob> top_logprobs;
-  };
-  uint64_t step_id = 0;
-  std::vector<Token> tokens;  // one per chunk with sample, in chunk order
-  double forward_seconds = 0.0;
-};
+// StepInput / StepOutput are defined beside the step logic they feed
+// (worker/attention/attention_step.h), so the worker inside this process and the attention
+// worker role run the very same code.
+using StepInput = worker::StepInput;
+using StepOutput = worker::StepOutput;
 
 class AttentionWorker {
  public:
@@ -118,19 +101,14 @@ class AttentionWorker {
 };
 
 // The worker inside this process: the Model (not owned; it must outlive the worker) and a
-// SequenceSampler per sequence.
+// SequenceSampler per sequence (worker::AttentionStepRunner).
 class InProcessAttentionWorker : public AttentionWorker {
  public:
-  explicit InProcessAttentionWorker(model::Model& model) : model_(model) {}
-  absl::StatusOr<StepOutput> Step(const StepInput& input) override;
+  explicit InProcessAttentionWorker(model::Model& model) : runner_(model) {}
+  absl::StatusOr<StepOutput> Step(const StepInput& input) override { return runner_.Step(input); }
 
  private:
-  struct Sequence {
-    std::vector<int32_t> tokens;  // prompt + outputs
-    std::unique_ptr<model::SequenceSampler> sampler;
-  };
-  model::Model& model_;
-  std::map<SeqId, Sequence> seqs_;
+  worker::AttentionStepRunner runner_;
 };
 
 // ---- Requests and their streams ----
@@ -219,6 +197,8 @@ struct EngineOptions {
   common::MetricsRegistry* metrics = nullptr;
   // Monotonic clock in seconds (tests inject one).
   std::function<double()> now;
+  // Iterations in a row with every step failed before the engine stops (0 = never).
+  int max_consecutive_step_failures = 3;
 };
 
 class Engine {
@@ -226,6 +206,10 @@ class Engine {
   // Starts the engine thread.
   static absl::StatusOr<std::unique_ptr<Engine>> Create(EngineOptions options,
                                                         std::unique_ptr<AttentionWorker> worker);
+  // Data-parallel attention workers (at least one); worker i is "attention worker i" in
+  // logs and errors.
+  static absl::StatusOr<std::unique_ptr<Engine>> Create(
+      EngineOptions options, std::vector<std::unique_ptr<AttentionWorker>> workers);
   // Stop()s.
   ~Engine();
   Engine(const Engine&) = delete;
@@ -246,13 +230,30 @@ class Engine {
   bool healthy() const { return !dead_.load(); }
   // Requests submitted and not finished yet.
   int num_unfinished() const { return unfinished_.load(); }
+  int num_workers() const { return static_cast<int>(workers_.size()); }
+  // Sequences assigned to each worker so far (for tests and logs). Any thread.
+  std::vector<int64_t> sequences_per_worker() const ABSL_LOCKS_EXCLUDED(mu_);
 
  private:
   struct Metrics;
   struct Request;
   struct Sequence;
+  // One attention worker: its batching core, the ids it should forget, and this
+  // iteration's step.
+  struct Worker {
+    Worker(std::unique_ptr<AttentionWorker> w, const BatchSchedulerOptions& options)
+        : worker(std::move(w)), scheduler(options) {}
+    std::unique_ptr<AttentionWorker> worker;
+    BatchScheduler scheduler;
+    std::vector<SeqId> pending_free;
+    // This iteration.
+    bool stepping = false;
+    StepInput input;
+    int num_batched_tokens = 0;
+    absl::StatusOr<StepOutput> out;
+  };
 
-  Engine(EngineOptions options, std::unique_ptr<AttentionWorker> worker);
+  Engine(EngineOptions options, std::vector<std::unique_ptr<AttentionWorker>> workers);
   absl::Status InitMetrics();
   void Loop();
   void Admit(std::unique_ptr<Request> request);
@@ -271,10 +272,19 @@ class Engine {
   std::string HoldBackStopPrefix(Sequence& seq, std::string text,
                                  std::optional<std::string>* matched);
   void UpdateGauges();
+  // The worker a new sequence goes to.
+  int PickWorker() const;
+  bool HasWork() const;
+  // Builds this iteration's step of every worker with work; false when none has any.
+  bool PlanSteps(double now);
+  // Runs the planned steps (in parallel when several).
+  void RunSteps();
+  // Fails every live request and waits for Stop (the engine gave up).
+  void Die(const absl::Status& status, double now);
 
   // Set at construction.
   const EngineOptions options_;
-  const std::unique_ptr<AttentionWorker> worker_;
+  std::vector<std::unique_ptr<Worker>> workers_;  // the vector itself never changes
   std::unique_ptr<Metrics> metrics_;
 
   // Read by any thread.
@@ -282,17 +292,16 @@ class Engine {
   std::atomic<int> unfinished_{0};
   std::atomic<int> num_waiting_seqs_{0};  // scheduler's waiting + not yet admitted
 
-  absl::Mutex mu_;
+  mutable absl::Mutex mu_;
   std::vector<std::unique_ptr<Request>> incoming_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   bool abort_all_ ABSL_GUARDED_BY(mu_) = false;
   int incoming_seqs_ ABSL_GUARDED_BY(mu_) = 0;
+  std::vector<int64_t> assigned_ ABSL_GUARDED_BY(mu_);  // [workers]: sequences assigned
 
   // Engine thread only.
-  BatchScheduler scheduler_;
   std::map<uint64_t, std::unique_ptr<Request>> requests_;  // by request key
   std::map<SeqId, Sequence*> seqs_;
-  std::vector<SeqId> pending_free_;
   SeqId next_seq_id_ = 1;
   uint64_t next_request_key_ = 1;
   uint64_t next_step_id_ = 1;

@@ -3,7 +3,9 @@
 // cancellation, admission (queue full) and slow consumers.
 #include "server/engine.h"
 
+#include <atomic>
 #include <map>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -335,6 +337,134 @@ TEST_F(EngineTest, MetricsCountRequestsAndTokens) {
   EXPECT_NE(text.find("moe_generation_tokens_total 2"), std::string::npos);
   EXPECT_NE(text.find("moe_time_to_first_token_seconds_count 1"), std::string::npos);
   EXPECT_NE(text.find("moe_e2e_request_latency_seconds_count 1"), std::string::npos);
+}
+
+// ---- Data-parallel attention workers ----
+
+// A ScriptedWorker that records the step ids it saw and can be told to fail its steps.
+class CountingWorker : public ScriptedWorker {
+ public:
+  using ScriptedWorker::ScriptedWorker;
+  absl::StatusOr<StepOutput> Step(const StepInput& input) override {
+    if (!input.chunks.empty()) {
+      step_ids.push_back(input.step_id);
+      if (fail.load()) {
+        return absl::UnavailableError("layer 0, step 1, expert rank 3: connection refused");
+      }
+    }
+    return ScriptedWorker::Step(input);
+  }
+  std::atomic<bool> fail{false};
+  std::vector<uint64_t> step_ids;
+};
+
+class EngineDataParallelTest : public ::testing::Test {
+ protected:
+  Result Run2(EngineRequest req) {
+    auto stream = engine_->Submit(std::move(req));
+    EXPECT_TRUE(stream.ok()) << stream.status();
+    if (!stream.ok()) return {};
+    return Drain(**stream);
+  }
+
+  void Start(int num_workers, int max_failures = 0) {
+    tokenizer_ = MakeTokenizer();
+    std::vector<std::unique_ptr<AttentionWorker>> workers;
+    for (int i = 0; i < num_workers; ++i) {
+      auto w = std::make_unique<CountingWorker>(std::map<int32_t, std::vector<int32_t>>{
+          {L('a'), {L('h'), L('i'), kEos}}, {L('b'), {L('o'), L('k'), kEos}}});
+      workers_.push_back(w.get());
+      workers.push_back(std::move(w));
+    }
+    auto e = Engine::Create({.scheduler = {.block_size = 4, .num_blocks = 64},
+                             .tokenizer = tokenizer_.get(),
+                             .eos_ids = {kEos},
+                             .vocab_size = 30,
+                             .metrics = &registry_,
+                             .max_consecutive_step_failures = max_failures},
+                            std::move(workers));
+    ASSERT_TRUE(e.ok()) << e.status();
+    engine_ = std::move(*e);
+  }
+
+  common::MetricsRegistry registry_;
+  std::unique_ptr<model::Tokenizer> tokenizer_;
+  std::vector<CountingWorker*> workers_;
+  std::unique_ptr<Engine> engine_;
+};
+
+TEST_F(EngineDataParallelTest, SpreadsSequencesAcrossWorkersByLoad) {
+  Start(2);
+  // Nothing finishes before every request is admitted: the choice is by load alone.
+  absl::Notification gate;
+  workers_[0]->gate_ = &gate;
+  std::vector<std::shared_ptr<RequestStream>> streams;
+  for (int i = 0; i < 6; ++i) {
+    auto s = engine_->Submit({.prompt = {i % 2 == 0 ? L('a') : L('b')}, .max_tokens = 10});
+    ASSERT_TRUE(s.ok()) << s.status();
+    streams.push_back(*s);
+  }
+  gate.Notify();
+  for (int i = 0; i < 6; ++i) {
+    Result r = Drain(*streams[i]);
+    EXPECT_TRUE(r.status.ok()) << r.status;
+    EXPECT_EQ(r.text[0], i % 2 == 0 ? "hi" : "ok") << "request " << i;
+    EXPECT_EQ(r.finish[0], "stop");
+  }
+  std::vector<int64_t> per_worker = engine_->sequences_per_worker();
+  ASSERT_EQ(per_worker.size(), 2u);
+  EXPECT_EQ(per_worker[0], 3);
+  EXPECT_EQ(per_worker[1], 3);
+  engine_->Stop();
+  // Workers stepped in the same iteration share its step id (expert ranks merge by it).
+  std::set<uint64_t> ids0(workers_[0]->step_ids.begin(), workers_[0]->step_ids.end());
+  int shared = 0;
+  for (uint64_t id : workers_[1]->step_ids) shared += ids0.count(id) > 0 ? 1 : 0;
+  EXPECT_GT(shared, 0);
+}
+
+TEST_F(EngineDataParallelTest, AFailingWorkerFailsOnlyItsRequests) {
+  Start(2);
+  workers_[1]->fail = true;
+  absl::Notification gate;
+  workers_[0]->gate_ = &gate;
+  auto first = engine_->Submit({.prompt = {L('a')}, .max_tokens = 10});
+  auto second = engine_->Submit({.prompt = {L('b')}, .max_tokens = 10});
+  ASSERT_TRUE(first.ok() && second.ok());
+  gate.Notify();
+  Result r0 = Drain(**first);
+  Result r1 = Drain(**second);
+  // The first went to worker 0 (both idle: the lower index), the second to worker 1.
+  EXPECT_TRUE(r0.status.ok()) << r0.status;
+  EXPECT_EQ(r0.text[0], "hi");
+  EXPECT_EQ(r1.status.code(), absl::StatusCode::kUnavailable);
+  EXPECT_NE(r1.status.message().find("expert rank 3"), std::string::npos) << r1.status;
+  EXPECT_EQ(r1.finish[0], "abort");
+  // max_consecutive_step_failures = 0: the engine keeps serving after failures.
+  for (int i = 0; i < 4; ++i) {
+    auto s = engine_->Submit({.prompt = {L('b')}, .max_tokens = 10});
+    ASSERT_TRUE(s.ok()) << s.status();
+    Drain(**s);
+  }
+  EXPECT_TRUE(engine_->healthy());
+  workers_[1]->fail = false;
+  Result ok = Run2({.prompt = {L('b')}, .max_tokens = 10});
+  EXPECT_TRUE(ok.status.ok()) << ok.status;
+  EXPECT_EQ(ok.text[0], "ok");
+}
+
+TEST_F(EngineDataParallelTest, GivesUpAfterConsecutiveFailuresWhenAsked) {
+  Start(1, /*max_failures=*/2);
+  workers_[0]->fail = true;
+  for (int i = 0; i < 2; ++i) {
+    auto s = engine_->Submit({.prompt = {L('a')}, .max_tokens = 10});
+    ASSERT_TRUE(s.ok());
+    Drain(**s);
+  }
+  for (int i = 0; i < 100 && engine_->healthy(); ++i) absl::SleepFor(absl::Milliseconds(5));
+  EXPECT_FALSE(engine_->healthy());
+  EXPECT_EQ(engine_->Submit({.prompt = {L('a')}}).status().code(),
+            absl::StatusCode::kUnavailable);
 }
 
 }  // namespace

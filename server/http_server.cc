@@ -314,8 +314,16 @@ class HttpServer::Handlers {
   }
 
   void Health(const httplib::Request&, httplib::Response& res) {
-    bool ok = s_.state_.load() == State::kServing && backend().engine->healthy();
+    bool ok = s_.state_.load() == State::kServing && backend().engine->healthy() &&
+              (!backend().ready || backend().ready());
     res.status = ok ? 200 : 503;
+  }
+  void Cluster(const httplib::Request&, httplib::Response& res) {
+    if (!backend().cluster_status) {
+      SendError(res, 404, "no cluster: this server runs every role in one process");
+      return;
+    }
+    res.set_content(backend().cluster_status(), "application/json");
   }
   void Metrics(const httplib::Request&, httplib::Response& res) {
     common::MetricsRegistry& reg = s_.options_.metrics != nullptr
@@ -865,7 +873,7 @@ void HttpServer::Handlers::Register(httplib::Server& svr) {
     SendError(res, 405, absl::StrCat("method ", req.method, " is not allowed on ", req.path));
   };
   // GET routes.
-  for (const char* path : {"/health", "/metrics", "/v1/models"}) {
+  for (const char* path : {"/health", "/metrics", "/v1/models", "/v1/cluster"}) {
     svr.Post(path, not_allowed).Put(path, not_allowed).Delete(path, not_allowed)
         .Patch(path, not_allowed);
   }
@@ -873,6 +881,9 @@ void HttpServer::Handlers::Register(httplib::Server& svr) {
   svr.Get("/metrics", wrap(&Handlers::Metrics));
   svr.Get("/v1/models", [this](Req req, Res res) {
     if (Serving(res)) Models(req, res);
+  });
+  svr.Get("/v1/cluster", [this](Req req, Res res) {
+    if (Serving(res)) Cluster(req, res);
   });
   // POST routes.
   for (const char* path :

@@ -3,7 +3,8 @@
 // Routes: POST /v1/completions, POST /v1/chat/completions (JSON or SSE with
 // stream: true), GET /v1/models, POST /tokenize, POST /detokenize, GET /health (empty 200
 // while serving; 503 while loading, draining or once the engine died), GET /metrics
-// (Prometheus text 0.0.4 of the process-wide registry).
+// (Prometheus text 0.0.4 of the process-wide registry), GET /v1/cluster (the frontend role:
+// ranks, slots, placement; see HttpBackend::cluster_status).
 // Errors carry OpenAI's body {"error": {"message", "type", "param", "code"}}: 400 for bad
 // JSON or an out-of-range field (param names it), 401 without the API key (when
 // server.api_key is set; /v1/* only), 404 for an unknown model or route, 405 for a known
@@ -30,6 +31,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -63,6 +65,11 @@ struct HttpBackend {
   const model::Tokenizer* tokenizer = nullptr;  // not owned
   std::optional<ChatTemplate> chat_template;   // none: /v1/chat/completions answers 400
   int max_model_len = 0;
+  // Expert-parallel cluster (the frontend role). ready: /health is 200 only while it is
+  // true; cluster_status: the JSON body of GET /v1/cluster. Null: one process (always ready,
+  // /v1/cluster answers 404). Called from handler threads; must not block long.
+  std::function<bool()> ready;
+  std::function<std::string()> cluster_status;
 };
 
 class HttpServer {

@@ -1,12 +1,24 @@
 #include "worker/attention/remote_expert_executor.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
 
 namespace moe::worker {
+
+namespace {
+
+double Seconds(std::chrono::steady_clock::time_point since) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count();
+}
+
+// Frame header plus payload (f32 rows and combines, i32 slots, f32 weights).
+constexpr int64_t kFrameHeaderBytes = 64;
+
+}  // namespace
 
 using common::Tensor;
 using common::TensorView;
@@ -47,6 +59,7 @@ absl::Status RemoteExpertExecutor::RunRoutedExperts(int layer, TensorView x, Ten
 absl::Status RemoteExpertExecutor::BeginRoutedExperts(int layer, TensorView x,
                                                       TensorView topk_ids,
                                                       TensorView topk_weights, TensorView out) {
+  const auto t_begin = std::chrono::steady_clock::now();
   if (in_flight_) {
     return absl::FailedPreconditionError(absl::StrCat(
         "routed experts of layer ", in_flight_layer_, " are still in flight (Finish not called)"));
@@ -137,10 +150,12 @@ absl::Status RemoteExpertExecutor::BeginRoutedExperts(int layer, TensorView x,
         weights[i * kr + j] = w.pairs[i][j].second;
       }
     }
+    stats_.bytes_sent += kFrameHeaderBytes + n * hidden_ * 4 + 2 * n * kr * 4;
     w.call = options_.transport->Send(r, std::move(d));
     w.sent = true;
     rows_sent_[r] += n;
   }
+  layer_seconds_ = Seconds(t_begin);
   in_flight_ = true;
   in_flight_layer_ = layer;
   in_flight_out_ = out;
@@ -152,6 +167,7 @@ absl::Status RemoteExpertExecutor::FinishRoutedExperts(int layer) {
     return absl::FailedPreconditionError(
         absl::StrCat("FinishRoutedExperts(", layer, ") without a matching Begin"));
   }
+  const auto t_finish = std::chrono::steady_clock::now();
   in_flight_ = false;
   const TensorView out = in_flight_out_;  // [T, H]
   for (int64_t t = 0; t < out.dim(0); ++t) {
@@ -186,12 +202,19 @@ absl::Status RemoteExpertExecutor::FinishRoutedExperts(int layer) {
       }
       continue;
     }
+    stats_.bytes_received += kFrameHeaderBytes + n * hidden_ * 4;
     const float* c = combine->data_as<float>();  // [n, H]
     for (int64_t i = 0; i < n; ++i) {
       float* o = &out.at<float>(w.tokens[i], 0);
       const float* src = c + i * hidden_;
       for (int64_t h = 0; h < hidden_; ++h) o[h] += src[h];
     }
+  }
+  const double seconds = layer_seconds_ + Seconds(t_finish);
+  stats_.dispatch_combine_seconds += seconds;
+  ++stats_.layers;
+  if (options_.dispatch_combine_seconds != nullptr) {
+    options_.dispatch_combine_seconds->Observe(seconds);
   }
   return first_error;
 }

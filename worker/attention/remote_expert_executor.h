@@ -17,9 +17,14 @@
 // and, for a stale epoch, the worker's epoch kept; the message names the rank); failover to
 // other replicas is the caller's decision (refetch the placement, retry the step).
 //
+// Cost: stats() counts the time the Forward thread spends in Begin (choice, packing, send)
+// and Finish (waiting for the combines, summing them) per layer — the time the step is held
+// up by the expert ranks — and the bytes of dispatches and combines (payload plus frame
+// headers). options.dispatch_combine_seconds, when set, observes that time per MoE layer.
+//
 // Threads: one thread (the one running Model::Forward) calls the ExpertExecutor methods;
-// SetPlacement, SetNextStepId and epoch() may be called from any thread; rows_sent_per_rank
-// and step_id from the Forward thread (or once it is idle).
+// SetPlacement, SetNextStepId and epoch() may be called from any thread; rows_sent_per_rank,
+// stats and step_id from the Forward thread (or once it is idle).
 //
 //   RemoteExpertExecutor executor(model->config(), {.transport = &transport, .source_rank = 0});
 //   MOE_RETURN_IF_ERROR(executor.SetPlacement(table));
@@ -35,6 +40,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"
+#include "common/metrics.h"
 #include "model/model.h"
 #include "model/model_config.h"
 #include "worker/placement.h"
@@ -45,6 +51,16 @@ namespace moe::worker {
 struct RemoteExpertExecutorOptions {
   Transport* transport = nullptr;  // not owned
   int source_rank = 0;             // this attention worker's rank
+  // Observes Begin + Finish time per MoE layer (moe_dispatch_combine_seconds); may be null.
+  common::Histogram* dispatch_combine_seconds = nullptr;
+};
+
+// Totals since construction.
+struct RemoteExpertStats {
+  double dispatch_combine_seconds = 0.0;  // Begin + Finish, every layer
+  int64_t bytes_sent = 0;                 // dispatch frames
+  int64_t bytes_received = 0;             // combine frames
+  int64_t layers = 0;                     // MoE layers dispatched
 };
 
 class RemoteExpertExecutor : public model::ExpertExecutor {
@@ -69,6 +85,7 @@ class RemoteExpertExecutor : public model::ExpertExecutor {
   std::vector<int64_t> rows_sent_per_rank() const { return rows_sent_; }
   // Step id of the current (or last) step.
   uint64_t step_id() const { return step_id_; }
+  const RemoteExpertStats& stats() const { return stats_; }
 
  private:
   struct RankWork {
@@ -100,6 +117,8 @@ class RemoteExpertExecutor : public model::ExpertExecutor {
   std::vector<int64_t> rank_load_;       // [num_ranks]: pairs given this layer
   std::vector<int32_t> row_of_;          // [T * num_ranks]: row of token t on rank r, -1
   std::vector<int64_t> rows_sent_;       // [num_ranks]
+  RemoteExpertStats stats_;
+  double layer_seconds_ = 0.0;           // Begin's share of the layer in flight
 };
 
 }  // namespace moe::worker
