@@ -9,6 +9,7 @@
 #include <fstream>
 #include <thread>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "bench/load_generator.h"
 #include "cli/commands.h"
@@ -25,6 +26,9 @@
 #include "server/engine.h"
 #include "server/grpc_server.h"
 #include "server/http_server.h"
+#include "worker/expert/expert_server.h"
+#include "worker/expert/expert_worker.h"
+#include "worker/placement.h"
 
 namespace moe::cli {
 namespace {
@@ -355,9 +359,115 @@ int RunAttention(const Args& args, std::ostream& out, std::ostream& err) {
   return RunRole("attention", "--config FILE --rank N [flags]",
                  "Runs one attention worker rank.", args, out, err);
 }
+namespace {
+
+// One expert rank: its ExpertWorker behind the TCP data plane (the port of
+// roles.expert_workers[rank].address) and ExpertControl (that port + 1), both on server.host,
+// announced to the scheduler with the host of the configured address.
+absl::Status ServeExpert(const config::DeploymentConfig& d, int rank) {
+  sigset_t signals = ShutdownSignals();
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  const config::ExpertWorkerSpec& spec = d.roles.expert_workers[rank];
+  std::string host;
+  int data_port = 0;
+  const size_t colon = spec.address.rfind(':');
+  if (spec.address == config::kInProcess || colon == std::string::npos ||
+      !absl::SimpleAtoi(spec.address.substr(colon + 1), &data_port)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "roles.expert_workers[", rank, "].address: \"", spec.address,
+        "\" is not host:port; an expert rank runs as its own process"));
+  }
+  host = spec.address.substr(0, colon);
+  std::string dir = d.model.path;
+  if (dir.empty()) {
+    MOE_ASSIGN_OR_RETURN(dir, DefaultModelDir(""));
+  }
+  if (d.threads > 0) kernels::SetCpuThreads(static_cast<int>(d.threads));
+  const int64_t sources = static_cast<int64_t>(d.roles.attention_workers.size());
+  MOE_ASSIGN_OR_RETURN(
+      std::unique_ptr<worker::ExpertWorker> expert,
+      worker::ExpertWorker::Create({.rank = rank,
+                                    .model_dir = dir,
+                                    .dtype = d.model.dtype,
+                                    // Several attention workers: wait briefly for all of
+                                    // them, so their rows share one pass over the weights.
+                                    .gather_window = sources > 1 ? absl::Microseconds(500)
+                                                                 : absl::ZeroDuration(),
+                                    .expected_sources = static_cast<int>(sources)}));
+  const model::ModelConfig& mc = expert->model_config();
+  const int64_t num_ranks = static_cast<int64_t>(d.roles.expert_workers.size());
+  const int64_t slots = spec.num_slots > 0 ? spec.num_slots
+                                           : (mc.moe.num_experts + d.placement.redundant_slots +
+                                              num_ranks - 1) / num_ranks;
+  const bool has_scheduler = d.roles.scheduler.address != config::kInProcess;
+  if (!has_scheduler) {
+    // No scheduler to place the experts: the static round-robin placement, epoch 1.
+    MOE_ASSIGN_OR_RETURN(worker::PlacementTable table,
+                         worker::RoundRobinPlacement(mc, {.num_ranks = static_cast<int>(num_ranks),
+                                                          .slots_per_rank = static_cast<int>(slots),
+                                                          .epoch = 1}));
+    MOE_RETURN_IF_ERROR(expert->LoadPlacement(table));
+  }
+  MOE_ASSIGN_OR_RETURN(
+      std::unique_ptr<worker::ExpertServer> server,
+      worker::ExpertServer::Start(
+          {.rank = rank,
+           .host = d.server.host,
+           .advertise_host = host,
+           .data_port = data_port,
+           .control_port = data_port == 0 ? 0 : data_port + 1,
+           .scheduler_address = has_scheduler ? d.roles.scheduler.address : "",
+           .num_slots = static_cast<int32_t>(slots),
+           .version = MOE_SERVE_VERSION,
+           .heartbeat_interval = absl::Milliseconds(d.timeouts.heartbeat_ms),
+           .rpc_timeout = absl::Milliseconds(d.timeouts.connect_timeout_ms),
+           .io_timeout = absl::Milliseconds(d.timeouts.dispatch_timeout_ms)},
+          expert.get()));
+  MOE_LOG(INFO) << "moe-serve " << MOE_SERVE_VERSION << " expert rank serving"
+                << common::Kv("data", server->data_address())
+                << common::Kv("control", server->control_address())
+                << common::Kv("scheduler", d.roles.scheduler.address)
+                << common::Kv("slots", slots) << common::Kv("model", dir)
+                << common::Kv("epoch", expert->epoch());
+  int sig = 0;
+  sigwait(&signals, &sig);
+  MOE_LOG(INFO) << "signal " << sig << ": stopping";
+  server->Stop();
+  expert->Stop();
+  MOE_LOG(INFO) << "stopped";
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 int RunExpert(const Args& args, std::ostream& out, std::ostream& err) {
-  return RunRole("expert", "--config FILE --rank N [flags]", "Runs one expert worker rank.",
-                 args, out, err);
+  common::FlagSet flags(
+      "moe-serve expert --config FILE --rank N [flags]",
+      "Runs one expert worker rank: it holds the expert slots the placement gives it, serves\n"
+      "dispatches on the port of roles.expert_workers[N].address (framed TCP) and ExpertControl\n"
+      "(gRPC) on that port + 1, both on server.host, registers with roles.scheduler.address and\n"
+      "heartbeats with load reports. Without a scheduler (inproc) it serves the static\n"
+      "round-robin placement. Stops on SIGTERM/SIGINT.");
+  RoleFlags role;
+  role.Register(flags);
+  int64_t rank = 0;
+  flags.AddInt("rank", &rank, "rank within the role");
+  if (int rc = ParseFlagsOrExit(flags, args, out, err); rc >= 0) return rc;
+  config::DeploymentConfig deployment;
+  if (int rc = role.LoadOrExit("expert", {}, out, err, &deployment); rc >= 0) return rc;
+  const int64_t ranks = static_cast<int64_t>(deployment.roles.expert_workers.size());
+  if (rank < 0 || rank >= ranks) {
+    err << "moe-serve expert: --rank " << rank << ": roles.expert_workers has ranks 0.."
+        << ranks - 1 << "\n";
+    return 2;
+  }
+  common::SetLogPrefix(absl::StrCat("expert[", rank, "]"));
+  absl::Status status = ServeExpert(deployment, static_cast<int>(rank));
+  if (!status.ok()) {
+    err << "moe-serve expert: " << status.message() << "\n";
+    return status.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
+  }
+  return 0;
 }
 namespace {
 
