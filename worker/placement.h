@@ -13,9 +13,10 @@
 // [0, slots_per_rank), no slot holding two experts) and returns kInvalidArgument naming the
 // layer/expert otherwise. Immutable afterwards; any thread may read it.
 //
-// RoundRobinPlacement is the static policy (expert e of every layer on global slot e, i.e.
-// rank e % R, slot e / R) plus optional extra replicas: it serves tests, the embedded default
-// and a rank started without a scheduler.
+// RoundRobinPlacement is the static policy (expert e of every layer on rank e % R; without
+// extra replicas in slot e / R) plus optional extra replicas on the following ranks (each
+// rank's slots are then handed out in expert order): it serves tests, the embedded default
+// and a rank started without a scheduler. The scheduler's own policies live in scheduler/.
 //
 //   MOE_ASSIGN_OR_RETURN(PlacementTable table, RoundRobinPlacement(config, {.num_ranks = 2}));
 //   MOE_ASSIGN_OR_RETURN(PlacementIndex index, PlacementIndex::Build(table, config));

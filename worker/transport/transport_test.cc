@@ -203,14 +203,14 @@ TEST_P(TransportTest, SilentPeerHitsTheDeadline) {
   const absl::Time start2 = absl::Now();
   out = transport_->Wait(transport_->Send(0, MakeDispatch(1, 8, 1)), absl::Now() + absl::Milliseconds(50));
   EXPECT_EQ(out.status().code(), absl::StatusCode::kDeadlineExceeded);
-  EXPECT_LT(absl::Now() - start2, absl::Milliseconds(400));
+  EXPECT_LT(absl::Now() - start2, absl::Milliseconds(450));
 }
 
 TEST_P(TransportTest, UnknownRankIsUnavailable) {
   const absl::Time start = absl::Now();
   absl::StatusOr<Tensor> out = transport_->Wait(transport_->Send(7, MakeDispatch(1, 8, 1)));
   EXPECT_EQ(out.status().code(), absl::StatusCode::kUnavailable) << out.status();
-  EXPECT_LT(absl::Now() - start, absl::Milliseconds(100));
+  EXPECT_LT(absl::Now() - start, absl::Milliseconds(500));
 }
 
 INSTANTIATE_TEST_SUITE_P(Backends, TransportTest, ::testing::Values(Backend::kInproc, Backend::kTcp),
@@ -228,7 +228,7 @@ TEST(InprocTransportTest, RemovedEndpointIsUnavailableAtOnce) {
   const absl::Time start = absl::Now();
   EXPECT_EQ(transport.Wait(transport.Send(0, MakeDispatch(1, 8, 1))).status().code(),
             absl::StatusCode::kUnavailable);
-  EXPECT_LT(absl::Now() - start, absl::Milliseconds(100));
+  EXPECT_LT(absl::Now() - start, absl::Milliseconds(500));
 }
 
 TEST(InprocTransportTest, ZeroCopy) {
