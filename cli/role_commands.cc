@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "bench/load_generator.h"
 #include "cli/commands.h"
+#include "cli/local_cluster.h"
 #include "common/dtype.h"
 #include "common/logging.h"
 #include "common/version.h"
@@ -23,9 +24,12 @@
 #include "model/tokenizer.h"
 #include "scheduler/scheduler_service.h"
 #include "server/chat_template.h"
+#include "server/cluster_monitor.h"
 #include "server/engine.h"
 #include "server/grpc_server.h"
 #include "server/http_server.h"
+#include "server/remote_attention_worker.h"
+#include "worker/attention/attention_service.h"
 #include "worker/expert/expert_server.h"
 #include "worker/expert/expert_worker.h"
 #include "worker/placement.h"
@@ -67,30 +71,6 @@ struct RoleFlags {
     return -1;
   }
 };
-
-int RunRole(const std::string& name, const std::string& usage, const std::string& description,
-            const Args& args, std::ostream& out, std::ostream& err) {
-  common::FlagSet flags("moe-serve " + name + " " + usage, description);
-  RoleFlags role;
-  role.Register(flags);
-  int64_t rank = 0;
-  bool has_rank = name == "attention" || name == "expert";
-  if (has_rank) flags.AddInt("rank", &rank, "rank within the role");
-  if (int rc = ParseFlagsOrExit(flags, args, out, err); rc >= 0) return rc;
-  config::DeploymentConfig deployment;
-  if (int rc = role.LoadOrExit(name, {}, out, err, &deployment); rc >= 0) return rc;
-  if (has_rank) {
-    size_t ranks = name == "attention" ? deployment.roles.attention_workers.size()
-                                       : deployment.roles.expert_workers.size();
-    if (rank < 0 || rank >= static_cast<int64_t>(ranks)) {
-      err << "moe-serve " << name << ": --rank " << rank << ": roles." << name
-          << "_workers has ranks 0.." << ranks - 1 << "\n";
-      return 2;
-    }
-  }
-  return NotImplemented(name, "the " + name + " role is not built yet", err);
-}
-
 
 // ---- serve: every role in this process ----
 
@@ -172,7 +152,11 @@ sigset_t ShutdownSignals() {
   return set;
 }
 
-absl::Status Serve(const config::DeploymentConfig& d, const std::string& cache_dir) {
+// `frontend`: the frontend role: no weights, the engine drives the attention workers of
+// roles.attention_workers over gRPC (data-parallel), /health waits for the cluster and
+// GET /v1/cluster shows it.
+absl::Status Serve(const config::DeploymentConfig& d, const std::string& cache_dir,
+                   bool frontend = false) {
   // Signals are taken by sigwait below; block them before any thread starts so none of the
   // server's threads is interrupted by them.
   sigset_t signals = ShutdownSignals();
@@ -221,16 +205,25 @@ absl::Status Serve(const config::DeploymentConfig& d, const std::string& cache_d
   mopts.dtype = d.model.dtype;
   mopts.threads = static_cast<int>(d.threads);
   mopts.kv = {.num_blocks = 1, .block_size = static_cast<int>(d.kv_cache.block_size)};
-  MOE_ASSIGN_OR_RETURN(std::unique_ptr<model::Model> probe, model::Model::Load(dir, mopts));
-  const model::ModelConfig mc = probe->config();
-  probe.reset();
+  model::ModelConfig mc;
+  if (frontend) {
+    // The attention workers hold the weights; the frontend needs the shape only.
+    MOE_ASSIGN_OR_RETURN(mc, model::LoadModelConfig(dir));
+  } else {
+    MOE_ASSIGN_OR_RETURN(std::unique_ptr<model::Model> probe, model::Model::Load(dir, mopts));
+    mc = probe->config();
+  }
   int64_t max_model_len = mc.max_position_embeddings;
   if (d.model.max_model_len > 0) max_model_len = std::min(max_model_len, d.model.max_model_len);
+  // An attention worker sizes its cache by the same rule (kv_cache.* of the shared file).
   MOE_ASSIGN_OR_RETURN(int64_t num_blocks, KvBlocks(d, mc, max_model_len));
   mopts.kv.num_blocks = static_cast<int>(num_blocks);
   mopts.initial_batch_tokens = static_cast<int>(
       std::min<int64_t>(d.batching.max_num_batched_tokens, 512));
-  MOE_ASSIGN_OR_RETURN(std::unique_ptr<model::Model> model, model::Model::Load(dir, mopts));
+  std::unique_ptr<model::Model> model;
+  if (!frontend) {
+    MOE_ASSIGN_OR_RETURN(model, model::Model::Load(dir, mopts));
+  }
 
   std::optional<server::ChatTemplate> chat_template;
   if (!tokenizer->chat_template().empty()) {
@@ -260,15 +253,42 @@ absl::Status Serve(const config::DeploymentConfig& d, const std::string& cache_d
     }
   }
   eopts.vocab_size = static_cast<int32_t>(std::min<int64_t>(mc.vocab_size, tokenizer->vocab_size()));
-  // The seam where an expert-parallel deployment puts a gRPC client to remote attention
-  // workers instead.
+  std::vector<std::unique_ptr<server::AttentionWorker>> workers;
+  std::unique_ptr<server::RemoteAttentionMetrics> worker_metrics;
+  std::unique_ptr<server::ClusterMonitor> monitor;
+  if (frontend) {
+    MOE_ASSIGN_OR_RETURN(worker_metrics, server::RemoteAttentionMetrics::Create(nullptr));
+    // A step's forward waits at most dispatch_timeout per MoE layer on the expert ranks.
+    const absl::Duration step_timeout =
+        std::max(absl::Seconds(60),
+                 2 * mc.num_layers * absl::Milliseconds(d.timeouts.dispatch_timeout_ms));
+    for (const config::AttentionWorkerSpec& w : d.roles.attention_workers) {
+      workers.push_back(std::make_unique<server::RemoteAttentionWorker>(
+          server::RemoteAttentionWorkerOptions{.rank = static_cast<int>(w.rank),
+                                               .address = w.address,
+                                               .step_timeout = step_timeout,
+                                               .metrics = worker_metrics.get()}));
+    }
+    monitor = server::ClusterMonitor::Start(
+        {.scheduler_address = d.roles.scheduler.address,
+         .rpc_timeout = absl::Milliseconds(d.timeouts.connect_timeout_ms)});
+    // A dead expert rank fails the steps that need it; the cluster repairs itself, so the
+    // engine never gives up.
+    eopts.max_consecutive_step_failures = 0;
+  } else {
+    workers.push_back(std::make_unique<server::InProcessAttentionWorker>(*model));
+  }
   MOE_ASSIGN_OR_RETURN(std::unique_ptr<server::Engine> engine,
-                       server::Engine::Create(std::move(eopts),
-                           std::make_unique<server::InProcessAttentionWorker>(*model)));
-  http.SetBackend({.engine = engine.get(),
-                   .tokenizer = tokenizer.get(),
-                   .chat_template = std::move(chat_template),
-                   .max_model_len = static_cast<int>(max_model_len)});
+                       server::Engine::Create(std::move(eopts), std::move(workers)));
+  server::HttpBackend backend{.engine = engine.get(),
+                              .tokenizer = tokenizer.get(),
+                              .chat_template = std::move(chat_template),
+                              .max_model_len = static_cast<int>(max_model_len)};
+  if (monitor != nullptr) {
+    backend.ready = [m = monitor.get()] { return m->ready(); };
+    backend.cluster_status = [m = monitor.get()] { return m->StatusJson(); };
+  }
+  http.SetBackend(std::move(backend));
   grpc.SetBackend({.engine = engine.get(),
                    .tokenizer = tokenizer.get(),
                    .max_model_len = static_cast<int>(max_model_len),
@@ -307,6 +327,42 @@ absl::Status Serve(const config::DeploymentConfig& d, const std::string& cache_d
   return absl::OkStatus();
 }
 
+// serve --local-cluster: the roles as processes of this binary (cli/local_cluster.h). The
+// model is resolved here (the tiny default generated once), and the KV cache is sized here
+// so that the frontend and every attention worker agree on it.
+absl::Status ServeLocalCluster(const config::DeploymentConfig& deployment,
+                               const std::string& cache_dir, int64_t attention_workers,
+                               int64_t expert_ranks, int64_t redundant_slots) {
+  if (attention_workers < 1 || attention_workers > 64 || expert_ranks < 1 || expert_ranks > 256) {
+    return absl::InvalidArgumentError(
+        "--attention-workers must be in [1, 64] and --expert-ranks in [1, 256]");
+  }
+  LocalClusterOptions options{.attention_workers = static_cast<int>(attention_workers),
+                              .expert_ranks = static_cast<int>(expert_ranks),
+                              .deployment = deployment};
+  config::DeploymentConfig& d = options.deployment;
+  if (d.model.path.empty()) {
+    MOE_ASSIGN_OR_RETURN(d.model.path, DefaultModelDir(cache_dir));
+  }
+  d.model.path = std::filesystem::absolute(d.model.path).string();
+  if (redundant_slots >= 0) d.placement.redundant_slots = redundant_slots;
+  if (d.kv_cache.num_blocks == 0) {
+    // One machine: the attention workers share the cache budget.
+    MOE_ASSIGN_OR_RETURN(model::ModelConfig mc, model::LoadModelConfig(d.model.path));
+    int64_t max_model_len = mc.max_position_embeddings;
+    if (d.model.max_model_len > 0) max_model_len = std::min(max_model_len, d.model.max_model_len);
+    config::DeploymentConfig share = d;
+    if (share.kv_cache.memory_bytes > 0) {
+      share.kv_cache.memory_bytes /= attention_workers;
+    } else {
+      share.kv_cache.memory_fraction /= static_cast<double>(attention_workers);
+    }
+    MOE_ASSIGN_OR_RETURN(d.kv_cache.num_blocks, KvBlocks(share, mc, max_model_len));
+    d.kv_cache.memory_bytes = 0;
+  }
+  return RunLocalCluster(options);
+}
+
 }  // namespace
 
 int RunServe(const Args& args, std::ostream& out, std::ostream& err) {
@@ -324,6 +380,12 @@ int RunServe(const Args& args, std::ostream& out, std::ostream& err) {
   flags.AddInt("port", &port, "HTTP port");
   flags.AddInt("grpc-port", &grpc_port, "gRPC port (0: any free port, logged as grpc_port=)");
   flags.AddBool("local-cluster", &local_cluster, "spawn every role as its own process on loopback");
+  int64_t attention_workers = 1, expert_ranks = 2, redundant_slots = 0;
+  flags.AddInt("attention-workers", &attention_workers,
+               "with --local-cluster: data-parallel attention worker processes");
+  flags.AddInt("expert-ranks", &expert_ranks, "with --local-cluster: expert rank processes");
+  flags.AddInt("redundant-slots", &redundant_slots,
+               "with --local-cluster: extra expert slots for replicas (placement.redundant_slots)");
   std::string cache_dir;
   flags.AddString("cache-dir", &cache_dir,
                   "where the default model is generated (default $XDG_CACHE_HOME/moe-serve or "
@@ -341,8 +403,14 @@ int RunServe(const Args& args, std::ostream& out, std::ostream& err) {
     return rc;
   }
   if (local_cluster) {
-    return NotImplemented("serve --local-cluster", "roles as separate processes come with gRPC",
-                          err);
+    absl::Status status =
+        ServeLocalCluster(deployment, cache_dir, attention_workers, expert_ranks,
+                          flags.WasSet("redundant-slots") ? redundant_slots : -1);
+    if (!status.ok()) {
+      err << "moe-serve serve --local-cluster: " << status.message() << "\n";
+      return status.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
+    }
+    return 0;
   }
   absl::Status status = Serve(deployment, cache_dir);
   if (!status.ok()) {
@@ -353,11 +421,141 @@ int RunServe(const Args& args, std::ostream& out, std::ostream& err) {
 }
 
 int RunFrontend(const Args& args, std::ostream& out, std::ostream& err) {
-  return RunRole("frontend", "--config FILE [flags]", "Runs the frontend role.", args, out, err);
+  common::FlagSet flags(
+      "moe-serve frontend --config FILE [flags]",
+      "Runs the frontend role: the OpenAI HTTP API (server.http_port) and gRPC in front of the\n"
+      "engine, which spreads requests over the attention workers of roles.attention_workers\n"
+      "(data-parallel, by load) and drives them over gRPC. /health is 503 until the scheduler\n"
+      "(roles.scheduler.address) reports the cluster ready; GET /v1/cluster shows ranks, slots\n"
+      "and placement. Stops on SIGTERM/SIGINT after draining.");
+  RoleFlags role;
+  role.Register(flags);
+  if (int rc = ParseFlagsOrExit(flags, args, out, err); rc >= 0) return rc;
+  config::DeploymentConfig deployment;
+  if (int rc = role.LoadOrExit("frontend", {}, out, err, &deployment); rc >= 0) return rc;
+  common::SetLogPrefix("frontend");
+  std::string bad;
+  if (deployment.roles.scheduler.address.find(':') == std::string::npos) {
+    bad = "roles.scheduler.address: \"" + deployment.roles.scheduler.address +
+          "\" is not host:port; the frontend role needs the scheduler's address";
+  }
+  for (size_t i = 0; i < deployment.roles.attention_workers.size() && bad.empty(); ++i) {
+    const std::string& a = deployment.roles.attention_workers[i].address;
+    if (a.find(':') == std::string::npos) {
+      bad = absl::StrCat("roles.attention_workers[", i, "].address: \"", a,
+                         "\" is not host:port; the frontend role reaches attention workers "
+                         "over gRPC");
+    }
+  }
+  if (!bad.empty()) {
+    err << "moe-serve frontend: " << bad << "\n";
+    return 2;
+  }
+  absl::Status status = Serve(deployment, "", /*frontend=*/true);
+  if (!status.ok()) {
+    err << "moe-serve frontend: " << status.message() << "\n";
+    return status.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
+  }
+  return 0;
 }
+
+namespace {
+
+// One attention worker rank: the model without routed experts, the Step service on the port
+// of roles.attention_workers[rank].address (on server.host), the routed experts on the
+// expert ranks over TCP.
+absl::Status ServeAttention(const config::DeploymentConfig& d, int rank) {
+  sigset_t signals = ShutdownSignals();
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  const config::AttentionWorkerSpec& spec = d.roles.attention_workers[rank];
+  const size_t colon = spec.address.rfind(':');
+  if (spec.address == config::kInProcess || colon == std::string::npos) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "roles.attention_workers[", rank, "].address: \"", spec.address,
+        "\" is not host:port; an attention worker runs as its own process"));
+  }
+  if (d.roles.scheduler.address.find(':') == std::string::npos) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "roles.scheduler.address: \"", d.roles.scheduler.address,
+        "\" is not host:port; an attention worker gets its placement from the scheduler"));
+  }
+  std::string dir = d.model.path;
+  if (dir.empty()) {
+    MOE_ASSIGN_OR_RETURN(dir, DefaultModelDir(""));
+  }
+  MOE_ASSIGN_OR_RETURN(model::ModelConfig mc, model::LoadModelConfig(dir));
+  int64_t max_model_len = mc.max_position_embeddings;
+  if (d.model.max_model_len > 0) max_model_len = std::min(max_model_len, d.model.max_model_len);
+  MOE_ASSIGN_OR_RETURN(int64_t num_blocks, KvBlocks(d, mc, max_model_len));
+  model::ModelOptions mopts;
+  mopts.dtype = d.model.dtype;
+  mopts.threads = static_cast<int>(d.threads);
+  mopts.kv = {.num_blocks = static_cast<int>(num_blocks),
+              .block_size = static_cast<int>(d.kv_cache.block_size)};
+  mopts.initial_batch_tokens =
+      static_cast<int>(std::min<int64_t>(d.batching.max_num_batched_tokens, 512));
+  // No routed expert: they live on the expert ranks.
+  mopts.experts = worker::NoRoutedExperts;
+  MOE_ASSIGN_OR_RETURN(std::unique_ptr<model::Model> model, model::Model::Load(dir, mopts));
+  MOE_LOG(INFO) << "attention worker weights" << common::Kv("routed_experts_loaded",
+                                                            model->weights().num_loaded_experts())
+                << common::Kv("weight_bytes", model->weights().total_bytes())
+                << common::Kv("kv_cache_bytes", model->kv_cache().bytes())
+                << common::Kv("kv_blocks", num_blocks);
+  MOE_ASSIGN_OR_RETURN(
+      std::unique_ptr<worker::AttentionServer> server,
+      worker::AttentionServer::Start(
+          {.rank = rank,
+           .listen_address = absl::StrCat(d.server.host, spec.address.substr(colon)),
+           .advertise_address = spec.address,
+           .scheduler_address = d.roles.scheduler.address,
+           .version = MOE_SERVE_VERSION,
+           .heartbeat_interval = absl::Milliseconds(d.timeouts.heartbeat_ms),
+           .rpc_timeout = absl::Milliseconds(d.timeouts.connect_timeout_ms),
+           .connect_timeout = absl::Milliseconds(d.timeouts.connect_timeout_ms),
+           .dispatch_timeout = absl::Milliseconds(d.timeouts.dispatch_timeout_ms)},
+          model.get()));
+  MOE_LOG(INFO) << "moe-serve " << MOE_SERVE_VERSION << " attention worker serving"
+                << common::Kv("address", server->address())
+                << common::Kv("scheduler", d.roles.scheduler.address) << common::Kv("model", dir);
+  int sig = 0;
+  sigwait(&signals, &sig);
+  MOE_LOG(INFO) << "signal " << sig << ": stopping";
+  server->Stop();
+  MOE_LOG(INFO) << "stopped";
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 int RunAttention(const Args& args, std::ostream& out, std::ostream& err) {
-  return RunRole("attention", "--config FILE --rank N [flags]",
-                 "Runs one attention worker rank.", args, out, err);
+  common::FlagSet flags(
+      "moe-serve attention --config FILE --rank N [flags]",
+      "Runs one attention worker rank: the model without its routed experts and a paged KV\n"
+      "cache, serving moe.internal.v1.AttentionWorker.Step (gRPC) on the port of\n"
+      "roles.attention_workers[N].address for the frontend. It registers with the scheduler,\n"
+      "follows its placement and sends the routed experts' rows to the expert ranks (TCP).\n"
+      "Stops on SIGTERM/SIGINT.");
+  RoleFlags role;
+  role.Register(flags);
+  int64_t rank = 0;
+  flags.AddInt("rank", &rank, "rank within the role");
+  if (int rc = ParseFlagsOrExit(flags, args, out, err); rc >= 0) return rc;
+  config::DeploymentConfig deployment;
+  if (int rc = role.LoadOrExit("attention", {}, out, err, &deployment); rc >= 0) return rc;
+  const int64_t ranks = static_cast<int64_t>(deployment.roles.attention_workers.size());
+  if (rank < 0 || rank >= ranks) {
+    err << "moe-serve attention: --rank " << rank << ": roles.attention_workers has ranks 0.."
+        << ranks - 1 << "\n";
+    return 2;
+  }
+  common::SetLogPrefix(absl::StrCat("attention[", rank, "]"));
+  absl::Status status = ServeAttention(deployment, static_cast<int>(rank));
+  if (!status.ok()) {
+    err << "moe-serve attention: " << status.message() << "\n";
+    return status.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
+  }
+  return 0;
 }
 namespace {
 
