@@ -7,12 +7,61 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
+#include "common/metrics.h"
+#include "common/status.h"
 
 namespace moe::worker {
 
 using common::DType;
 using common::Tensor;
 using common::TensorView;
+
+// Prometheus series of one rank (DefaultMetricsRegistry; label rank). Registration errors
+// leave a series null: metrics never fail the data plane.
+struct ExpertWorker::Metrics {
+  explicit Metrics(int rank) : rank_label(std::to_string(rank)) {
+    common::MetricsRegistry& r = common::DefaultMetricsRegistry();
+    if (auto f = r.AddCounter("moe_expert_dispatches_total",
+                              "Dispatches an expert rank answered, by result (status code).",
+                              {"rank", "result"});
+        f.ok()) {
+      dispatches = *f;
+    }
+    rows = CounterFor(r.AddCounter("moe_expert_rows_total", "Rows computed by an expert rank.", {"rank"}));
+    ffn_calls = CounterFor(r.AddCounter("moe_expert_ffn_calls_total",
+                                        "Grouped expert FFN calls (one per merged (step, layer)).",
+                                        {"rank"}));
+    commits = CounterFor(r.AddCounter("moe_expert_placement_commits_total",
+                                      "Placement epochs an expert rank switched to.", {"rank"}));
+    epoch = GaugeFor(r.AddGauge("moe_expert_placement_epoch",
+                                "Placement epoch an expert rank serves.", {"rank"}));
+    slots = GaugeFor(r.AddGauge("moe_expert_slots_loaded",
+                                "Expert slots holding weights in the served epoch.", {"rank"}));
+  }
+  common::Counter* CounterFor(absl::StatusOr<common::CounterFamily*> f) {
+    if (!f.ok()) return nullptr;
+    auto c = (*f)->WithLabels({rank_label});
+    return c.ok() ? *c : nullptr;
+  }
+  common::Gauge* GaugeFor(absl::StatusOr<common::GaugeFamily*> f) {
+    if (!f.ok()) return nullptr;
+    auto g = (*f)->WithLabels({rank_label});
+    return g.ok() ? *g : nullptr;
+  }
+  void Answered(absl::StatusCode code, int64_t n = 1) {
+    if (dispatches == nullptr) return;
+    auto c = dispatches->WithLabels({rank_label, std::string(common::StatusCodeName(code))});
+    if (c.ok()) (*c)->Inc(static_cast<double>(n));
+  }
+
+  const std::string rank_label;
+  common::CounterFamily* dispatches = nullptr;
+  common::Counter* rows = nullptr;
+  common::Counter* ffn_calls = nullptr;
+  common::Counter* commits = nullptr;
+  common::Gauge* epoch = nullptr;
+  common::Gauge* slots = nullptr;
+};
 
 // The slots of one placement epoch on this rank. Immutable after LoadEpoch except the
 // token counters; shared by the compute thread while a group runs on it.
@@ -31,7 +80,9 @@ struct ExpertWorker::EpochState {
 };
 
 ExpertWorker::ExpertWorker(const ExpertWorkerOptions& options, model::ModelConfig config)
-    : options_(options), model_config_(std::move(config)) {
+    : options_(options),
+      model_config_(std::move(config)),
+      metrics_(std::make_unique<Metrics>(options.rank)) {
   compute_thread_ = std::thread([this] { ComputeLoop(); });
 }
 
@@ -134,6 +185,9 @@ absl::Status ExpertWorker::Commit(uint64_t epoch) {
   previous_ = std::move(current_);
   previous_last_step_ = max_step_seen_;
   current_ = std::move(prepared_);
+  if (metrics_->commits) metrics_->commits->Inc();
+  if (metrics_->epoch) metrics_->epoch->Set(static_cast<double>(epoch));
+  if (metrics_->slots) metrics_->slots->Set(static_cast<double>(current_->num_loaded));
   MOE_LOG(INFO) << "placement committed" << common::Kv("epoch", epoch)
                 << common::Kv("previous", previous_ ? previous_->epoch : 0)
                 << common::Kv("slots", current_->num_loaded);
@@ -284,6 +338,7 @@ void ExpertWorker::RunGroup(std::vector<Pending> group) {
     }
   }
   if (!state_or.ok()) {
+    metrics_->Answered(state_or.status().code(), static_cast<int64_t>(group.size()));
     for (Pending& p : group) std::move(p.done)(state_or.status());
     return;
   }
@@ -291,6 +346,7 @@ void ExpertWorker::RunGroup(std::vector<Pending> group) {
   const int layer = meta.layer;
   const int64_t hidden = model_config_.hidden_size;
   if (!state.index.is_moe_layer(layer)) {
+    metrics_->Answered(absl::StatusCode::kInvalidArgument, static_cast<int64_t>(group.size()));
     for (Pending& p : group) {
       std::move(p.done)(absl::InvalidArgumentError(
           absl::StrCat("expert rank ", options_.rank, ": layer ", layer, " is not a MoE layer")));
@@ -327,6 +383,7 @@ void ExpertWorker::RunGroup(std::vector<Pending> group) {
     if (bad.ok()) {
       valid.push_back(std::move(p));
     } else {
+      metrics_->Answered(bad.code());
       std::move(p.done)(bad);
     }
   }
@@ -375,10 +432,15 @@ void ExpertWorker::RunGroup(std::vector<Pending> group) {
                                                       .experts = &slots,
                                                       .out = out.view()});
   num_ffn_calls_.fetch_add(1);
+  if (metrics_->ffn_calls) metrics_->ffn_calls->Inc();
+  metrics_->Answered(ran.code(), static_cast<int64_t>(valid.size()));
   if (!ran.ok()) {
+    MOE_LOG(ERROR) << "expert FFN failed" << common::Kv("layer", layer)
+                   << common::Kv("step", meta.step_id) << ": " << ran.message();
     for (Pending& p : valid) std::move(p.done)(ran);
     return;
   }
+  if (metrics_->rows) metrics_->rows->Inc(static_cast<double>(total));
   // Per-slot token counts.
   const int32_t* id_data = ids.data_as<int32_t>();
   const int64_t kk = ids.dim(1);

@@ -29,6 +29,10 @@
 // [0, slots_per_rank) is kInvalidArgument, an empty slot kNotFound, a wrong hidden size
 // kInvalidArgument; a bad dispatch fails alone, the rest of its group is still computed.
 //
+// Metrics (DefaultMetricsRegistry, label rank): moe_expert_dispatches_total{result},
+// moe_expert_rows_total, moe_expert_ffn_calls_total, moe_expert_placement_commits_total,
+// moe_expert_placement_epoch, moe_expert_slots_loaded.
+//
 // Threads: every public method may be called from any thread. Submit never blocks; `done`
 // runs on the compute thread (or on the caller's thread for an immediate rejection).
 // Prepare blocks while it maps weights (never the compute thread). Stop (or the destructor)
@@ -118,6 +122,7 @@ class ExpertWorker : public ExpertEndpoint {
 
  private:
   struct EpochState;
+  struct Metrics;
   struct Pending {
     std::shared_ptr<const Dispatch> dispatch;
     Done done;
@@ -136,6 +141,7 @@ class ExpertWorker : public ExpertEndpoint {
   const ExpertWorkerOptions options_;
   const model::ModelConfig model_config_;
 
+  const std::unique_ptr<Metrics> metrics_;
   std::atomic<int64_t> num_ffn_calls_{0};
   absl::Mutex prepare_mu_;  // one Prepare at a time (it maps weights outside mu_)
 

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <random>
 
+#include "common/metrics.h"
 #include "gtest/gtest.h"
 #include "model/model.h"
 #include "model/weights.h"
@@ -131,6 +132,9 @@ TEST_P(ExpertWorkerTest, SubsetOfSlotsComputesWhatTheLocalExecutorComputes) {
   EXPECT_EQ(total, 9u * config_.moe.top_k);
   EXPECT_EQ(report.steps(), 1u);
   EXPECT_EQ((*worker)->TakeLoadReport().slot_tokens(0), 0u);  // reset
+  const std::string metrics = common::DefaultMetricsRegistry().Render();
+  EXPECT_NE(metrics.find("moe_expert_dispatches_total{rank=\"1\",result=\"ok\"}"), std::string::npos);
+  EXPECT_NE(metrics.find("moe_expert_placement_epoch{rank=\"1\"} 1"), std::string::npos);
 }
 
 TEST_P(ExpertWorkerTest, StaleEpochAndUnknownSlots) {
@@ -165,6 +169,11 @@ TEST_P(ExpertWorkerTest, StaleEpochAndUnknownSlots) {
   EXPECT_EQ(transport.Wait(transport.Send(0, d)).status().code(), absl::StatusCode::kInvalidArgument);
   // And a good one still works.
   EXPECT_TRUE(transport.Wait(transport.Send(0, ToDispatch(r, held, 4))).ok());
+  const std::string metrics = common::DefaultMetricsRegistry().Render();
+  EXPECT_NE(metrics.find("moe_expert_dispatches_total{rank=\"0\",result=\"failed_precondition\"}"),
+            std::string::npos);
+  EXPECT_NE(metrics.find("moe_expert_dispatches_total{rank=\"0\",result=\"not_found\"}"),
+            std::string::npos);
 }
 
 TEST_P(ExpertWorkerTest, PrepareThenCommitFlipsTheEpoch) {

@@ -16,6 +16,7 @@
 #include "common/dtype.h"
 #include "common/status.h"
 #include "common/logging.h"
+#include "common/metrics.h"
 #include "worker/transport/internal/socket.h"
 
 namespace moe::worker {
@@ -103,6 +104,23 @@ absl::Status WriteError(int fd, uint64_t request_id, const absl::Status& status,
   return WriteFrame(fd, h, {iovec{message.data(), message.size()}}, deadline);
 }
 
+// Process-wide counters of the TCP data plane (null when registration failed).
+common::Counter* TransportCounter(const char* name, const char* help) {
+  auto family = common::DefaultMetricsRegistry().AddCounter(name, help);
+  return family.ok() ? &(*family)->Get() : nullptr;
+}
+common::Counter* ConnectionFailures() {
+  static common::Counter* c = TransportCounter(
+      "moe_transport_connection_failures_total",
+      "Data-plane connections to expert ranks that could not be made or were lost.");
+  return c;
+}
+common::Counter* MalformedFrames() {
+  static common::Counter* c = TransportCounter(
+      "moe_transport_malformed_frames_total", "Data-plane frames rejected as malformed.");
+  return c;
+}
+
 absl::Status StatusFromErrorFrame(const FrameHeader& h, std::string message) {
   int code = h.status_code;
   if (code <= 0 || code > 16) code = static_cast<int>(absl::StatusCode::kUnknown);
@@ -150,6 +168,7 @@ struct TcpTransport::Peer {
   std::shared_ptr<Connection> conn ABSL_GUARDED_BY(mu);
   std::vector<std::shared_ptr<Connection>> retired ABSL_GUARDED_BY(mu);
   std::vector<uint16_t> scratch ABSL_GUARDED_BY(mu);
+  bool reported_down ABSL_GUARDED_BY(mu) = false;
 };
 
 TcpTransport::TcpTransport(TcpTransportOptions options)
@@ -236,9 +255,20 @@ CallId TcpTransport::Send(int rank, std::shared_ptr<const Dispatch> dispatch) {
     peer->retired.clear();
     absl::StatusOr<int> fd = internal::ConnectTcp(peer->address, options_.connect_timeout);
     if (!fd.ok()) {
+      if (ConnectionFailures()) ConnectionFailures()->Inc();
+      if (!peer->reported_down) {  // once per outage, not once per dispatch
+        peer->reported_down = true;
+        MOE_LOG(WARNING) << "expert rank unreachable" << common::Kv("rank", rank)
+                         << common::Kv("address", peer->address) << ": " << fd.status().message();
+      }
       state->Complete(absl::UnavailableError(
           absl::StrCat("expert rank ", rank, " (", peer->address, "): ", fd.status().message())));
       return id;
+    }
+    if (peer->reported_down) {
+      peer->reported_down = false;
+      MOE_LOG(INFO) << "expert rank reachable again" << common::Kv("rank", rank)
+                    << common::Kv("address", peer->address);
     }
     conn = std::make_shared<Connection>();
     conn->rank = rank;
@@ -292,11 +322,19 @@ void TcpTransport::ReaderLoop(std::shared_ptr<Connection> conn) {
     absl::Status s = internal::ReadFull(conn->fd, raw, sizeof(raw), absl::InfiniteFuture(),
                                         &conn->closing);
     if (!s.ok()) {
+      if (!conn->closing.load()) {
+        if (ConnectionFailures()) ConnectionFailures()->Inc();
+        MOE_LOG(WARNING) << "connection to expert rank lost" << common::Kv("rank", conn->rank)
+                         << ": " << s.message();
+      }
       conn->Fail(absl::UnavailableError(absl::StrCat(who, ": connection lost: ", s.message())));
       return;
     }
     absl::StatusOr<FrameHeader> h = frame::DecodeHeader(raw, options_.limits);
     if (!h.ok()) {
+      if (MalformedFrames()) MalformedFrames()->Inc();
+      MOE_LOG(WARNING) << "malformed frame from expert rank" << common::Kv("rank", conn->rank)
+                       << ": " << h.status().message();
       conn->Fail(absl::Status(h.status().code(), absl::StrCat(who, " sent a malformed frame: ",
                                                                h.status().message())));
       return;
@@ -424,6 +462,12 @@ void TcpServer::ConnLoop(std::shared_ptr<Conn> conn) {
   const frame::FrameLimits& limits = options_.limits;
   const absl::Duration io_timeout = options_.io_timeout;
   const uint32_t max_error = limits.max_error_bytes;
+  auto malformed = [&](const absl::Status& status) {
+    ++num_malformed_;
+    if (MalformedFrames()) MalformedFrames()->Inc();
+    MOE_LOG(WARNING) << "malformed dispatch frame" << common::Kv("code", common::StatusCodeName(status.code()))
+                     << ": " << status.message();
+  };
   auto reply_error = [&](uint64_t request_id, const absl::Status& status) {
     conn->Answer([&](int fd) {
       return WriteError(fd, request_id, status, absl::Now() + io_timeout, max_error);
@@ -434,8 +478,9 @@ void TcpServer::ConnLoop(std::shared_ptr<Conn> conn) {
     absl::Status s = internal::ReadFull(conn->fd, raw, sizeof(raw), absl::InfiniteFuture(), &stop_);
     if (!s.ok()) {
       if (s.code() == absl::StatusCode::kDataLoss) {
-        ++num_malformed_;
-        reply_error(0, absl::DataLossError(absl::StrCat("truncated frame header: ", s.message())));
+        absl::Status bad = absl::DataLossError(absl::StrCat("truncated frame header: ", s.message()));
+        malformed(bad);
+        reply_error(0, bad);
       }
       break;
     }
@@ -446,11 +491,11 @@ void TcpServer::ConnLoop(std::shared_ptr<Conn> conn) {
     const absl::Time deadline = absl::Now() + io_timeout;
     absl::StatusOr<FrameHeader> h = frame::DecodeHeader(raw, limits);
     if (!h.ok() || h->type != FrameType::kDispatch) {
-      ++num_malformed_;
       absl::Status bad = h.ok() ? absl::InvalidArgumentError(absl::StrCat(
                                       "expected a dispatch frame, got type ",
                                       static_cast<int>(h->type)))
                                 : h.status();
+      malformed(bad);
       reply_error(request_id, bad);
       // The stream stays in step when the header itself was sound (magic, version, type) and
       // the length it claims is one we are willing to skip.
@@ -476,14 +521,16 @@ void TcpServer::ConnLoop(std::shared_ptr<Conn> conn) {
     }
     if (!s.ok()) {
       if (s.code() != absl::StatusCode::kCancelled) {
-        ++num_malformed_;
-        reply_error(request_id, absl::DataLossError(absl::StrCat("dispatch payload: ", s.message())));
+        absl::Status bad = absl::DataLossError(absl::StrCat("dispatch payload: ", s.message()));
+        malformed(bad);
+        reply_error(request_id, bad);
       }
       break;
     }
     if (sum.Finish() != stored) {
-      ++num_malformed_;
-      reply_error(request_id, absl::DataLossError("dispatch frame checksum mismatch"));
+      absl::Status bad = absl::DataLossError("dispatch frame checksum mismatch");
+      malformed(bad);
+      reply_error(request_id, bad);
       continue;
     }
     const WireDType dtype = h->row_dtype;

@@ -18,6 +18,10 @@
 // stream cannot be trusted any more (bad magic/version, truncation, a length beyond the
 // limits) that one connection is closed, every other keeps being served.
 //
+// Every lost connection, unreachable rank (once per outage) and malformed frame is a WARNING
+// log line and a counter (moe_transport_connection_failures_total,
+// moe_transport_malformed_frames_total).
+//
 // Threads: every method is thread-safe. TcpTransport runs one reader thread per open
 // connection; TcpServer one accept thread and one thread per connection. Stop()/destructors
 // shut sockets down and join their threads; no call blocks past its deadline.
