@@ -1,7 +1,9 @@
 #include "server/http_server.h"
 
 #include <httplib.h>
+#include <sys/socket.h>
 
+#include <cerrno>
 #include <chrono>
 #include <ctime>
 #include <random>
@@ -39,6 +41,7 @@ int HttpStatusFor(absl::StatusCode code) {
 namespace {
 
 constexpr double kStreamPollSeconds = 0.05;
+constexpr int kListenBacklog = 1024;  // connections waiting for accept()
 
 std::string ErrorType(int status) {
   switch (status) {
@@ -940,24 +943,34 @@ HttpServer::HttpServer(HttpServerOptions options)
   server_->set_keep_alive_timeout(5);
   server_->set_read_timeout(30);
   server_->set_write_timeout(30);
+  // cpp-httplib (Debian's 0.11 library) listens with a backlog of 5, fixed when the library
+  // was built: a burst of connections that arrives while the engine thread holds the CPUs
+  // overflows it and clients see "connection reset". Keep the socket to raise it in Bind.
+  server_->set_socket_options([this](socket_t sock) {
+    httplib::default_socket_options(sock);
+    listen_fd_.store(static_cast<int>(sock));
+  });
   handlers_->Register(*server_);
 }
 
 HttpServer::~HttpServer() { Stop(); }
 
 absl::StatusOr<int> HttpServer::Bind() {
+  int port = options_.port;
   if (options_.port == 0) {
-    int port = server_->bind_to_any_port(options_.host);
+    port = server_->bind_to_any_port(options_.host);
     if (port < 0) {
       return absl::UnavailableError(absl::StrCat("cannot bind ", options_.host, " (any port)"));
     }
-    return port;
-  }
-  if (!server_->bind_to_port(options_.host, options_.port)) {
+  } else if (!server_->bind_to_port(options_.host, options_.port)) {
     return absl::UnavailableError(
         absl::StrCat("cannot bind ", options_.host, ":", options_.port, " (in use?)"));
   }
-  return options_.port;
+  // listen() on a listening socket only changes its backlog (the kernel caps it at somaxconn).
+  if (int fd = listen_fd_.load(); fd >= 0 && ::listen(fd, kListenBacklog) != 0) {
+    MOE_LOG(WARNING) << "could not raise the HTTP listen backlog" << common::Kv("errno", errno);
+  }
+  return port;
 }
 
 void HttpServer::Start() {

@@ -100,6 +100,8 @@ class HttpServer {
 
   const HttpServerOptions options_;
   std::unique_ptr<httplib::Server> server_;
+  // The listening socket, captured when it is created, so Bind can raise its backlog.
+  std::atomic<int> listen_fd_{-1};
   std::unique_ptr<Handlers> handlers_;
   std::atomic<State> state_{State::kLoading};
   std::atomic<int> active_{0};
