@@ -23,7 +23,7 @@ APT_PACKAGES=(
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
   libabsl-dev libyaml-cpp-dev nlohmann-json3-dev libcpp-httplib-dev
   libgtest-dev libgmock-dev libbenchmark-dev
-  libopenblas-dev libdnnl-dev libpcre2-dev libicu-dev prometheus curl
+  libopenblas-dev libdnnl-dev libpcre2-dev libicu-dev prometheus curl iproute2
 )
 PIP_PACKAGES=(numpy pytest openai grpcio grpcio-tools grpcio-health-checking grpcio-reflection
   prometheus-client tokenizers jinja2 safetensors requests)
