@@ -14,25 +14,17 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "common/logging.h"
+#include "proto/grpc_status.h"
 #include "common/status.h"
 #include "moe/v1/internal.grpc.pb.h"
 
 namespace moe::scheduler {
 namespace {
 
+using ::moe::proto::FromGrpc;
+using ::moe::proto::ToGrpc;
+
 constexpr char kServiceName[] = "moe.internal.v1.Scheduler";
-
-grpc::Status ToGrpc(const absl::Status& status) {
-  if (status.ok()) return grpc::Status::OK;
-  return grpc::Status(static_cast<grpc::StatusCode>(status.code()),
-                      std::string(status.message()));
-}
-
-absl::Status FromGrpc(const grpc::Status& status) {
-  if (status.ok()) return absl::OkStatus();
-  return absl::Status(static_cast<absl::StatusCode>(status.error_code()),
-                      status.error_message());
-}
 
 const char* RoleLabel(pb::Role role) {
   return role == pb::ROLE_EXPERT ? "expert" : role == pb::ROLE_ATTENTION ? "attention" : "other";

@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
+#include "proto/grpc_status.h"
 #include "moe/v1/internal.grpc.pb.h"
 
 namespace moe::server {
@@ -16,10 +17,7 @@ using json = nlohmann::json;
 
 namespace {
 
-std::chrono::system_clock::time_point DeadlineAfter(absl::Duration d) {
-  return std::chrono::system_clock::now() +
-         std::chrono::microseconds(absl::ToInt64Microseconds(d));
-}
+using ::moe::proto::DeadlineAfter;
 
 const char* RoleName(pb::Role role) {
   switch (role) {

@@ -20,6 +20,7 @@
 #include "absl/synchronization/mutex.h"
 #include "common/logging.h"
 #include "moe/v1/serving.grpc.pb.h"
+#include "proto/grpc_status.h"
 #include "server/request_validation.h"
 
 namespace moe::server {
@@ -34,11 +35,7 @@ constexpr absl::Duration kIdleInterval = absl::Milliseconds(100);
 
 std::string_view View(absl::string_view s) { return std::string_view(s.data(), s.size()); }
 
-grpc::Status ToGrpc(const absl::Status& s) {
-  if (s.ok()) return grpc::Status::OK;
-  // absl::StatusCode and grpc::StatusCode share their numbers.
-  return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(View(s.message())));
-}
+using ::moe::proto::ToGrpc;
 
 // The shared checks name fields as HTTP has them ("top_p"); in GenerateRequest they live
 // under `sampling`.

@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
+#include "proto/grpc_status.h"
 #include "moe/v1/internal.grpc.pb.h"
 
 namespace moe::worker {
@@ -14,20 +15,9 @@ namespace pb = ::moe::internal::v1;
 
 namespace {
 
-std::chrono::system_clock::time_point DeadlineAfter(absl::Duration d) {
-  return std::chrono::system_clock::now() +
-         std::chrono::microseconds(absl::ToInt64Microseconds(d));
-}
-
-absl::Status FromGrpc(const grpc::Status& s) {
-  if (s.ok()) return absl::OkStatus();
-  return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
-}
-
-grpc::Status ToGrpc(const absl::Status& s) {
-  if (s.ok()) return grpc::Status::OK;
-  return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
-}
+using ::moe::proto::DeadlineAfter;
+using ::moe::proto::FromGrpc;
+using ::moe::proto::ToGrpc;
 
 // Failures a newer placement can repair (another replica, the rank's new address).
 bool Repairable(const absl::Status& s) {

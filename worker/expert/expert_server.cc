@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
+#include "proto/grpc_status.h"
 #include "moe/v1/internal.grpc.pb.h"
 
 namespace moe::worker {
@@ -14,15 +15,8 @@ namespace pb = ::moe::internal::v1;
 
 namespace {
 
-std::chrono::system_clock::time_point DeadlineAfter(absl::Duration d) {
-  return std::chrono::system_clock::now() +
-         std::chrono::microseconds(absl::ToInt64Microseconds(d));
-}
-
-absl::Status FromGrpc(const grpc::Status& s) {
-  if (s.ok()) return absl::OkStatus();
-  return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
-}
+using ::moe::proto::DeadlineAfter;
+using ::moe::proto::FromGrpc;
 
 }  // namespace
 
