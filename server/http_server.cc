@@ -259,6 +259,23 @@ struct StreamGroup {
   }
 };
 
+// Ends an SSE stream: the error body when a request failed, else the usage chunk when asked
+// for (`last_chunk` is the endpoint's chunk with no choices), then `data: [DONE]`.
+template <typename Send>
+void EndStream(StreamGroup& g, bool include_usage, json last_chunk, const Send& send,
+               httplib::DataSink& sink) {
+  if (absl::Status st = g.Status(); !st.ok()) {
+    std::string message(st.message());
+    send(ErrorBody(HttpStatusFor(st.code()), message, ParamOf(message)));
+  } else if (include_usage) {
+    last_chunk["usage"] = UsageJson(g.Usage());
+    send(last_chunk);
+  }
+  static const std::string kDone = "data: [DONE]\n\n";
+  sink.write(kDone.data(), kDone.size());
+  sink.done();
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------
@@ -682,18 +699,8 @@ void HttpServer::Handlers::Completions(const httplib::Request& req, httplib::Res
           if (!send(chunk_of(json::array({std::move(choice)})))) return false;
         }
         if (!done) return true;
-        if (absl::Status st = g->Status(); !st.ok()) {
-          std::string message(st.message());
-          send(ErrorBody(HttpStatusFor(st.code()), message, ParamOf(message)));
-        } else if (include_usage) {
-          json last = chunk_of(json::array());
-          last["usage"] = UsageJson(g->Usage());
-          send(last);
-        }
-        static const std::string kDone = "data: [DONE]\n\n";
-        sink.write(kDone.data(), kDone.size());
         state->finished = true;
-        sink.done();
+        EndStream(*g, include_usage, chunk_of(json::array()), send, sink);
         return true;
       },
       [this, g, state](bool success) {
@@ -842,18 +849,8 @@ void HttpServer::Handlers::ChatCompletions(const httplib::Request& req,
           if (!send(chunk_of(json::array({std::move(choice)})))) return false;
         }
         if (!done) return true;
-        if (absl::Status st = g->Status(); !st.ok()) {
-          std::string message(st.message());
-          send(ErrorBody(HttpStatusFor(st.code()), message, ParamOf(message)));
-        } else if (include_usage) {
-          json last = chunk_of(json::array());
-          last["usage"] = UsageJson(g->Usage());
-          send(last);
-        }
-        static const std::string kDone = "data: [DONE]\n\n";
-        sink.write(kDone.data(), kDone.size());
         state->finished = true;
-        sink.done();
+        EndStream(*g, include_usage, chunk_of(json::array()), send, sink);
         return true;
       },
       [this, g, state](bool success) {
