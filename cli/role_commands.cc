@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
+#include <functional>
 #include <fstream>
 #include <thread>
 
@@ -528,34 +529,56 @@ absl::Status ServeAttention(const config::DeploymentConfig& d, int rank) {
 
 }  // namespace
 
-int RunAttention(const Args& args, std::ostream& out, std::ostream& err) {
-  common::FlagSet flags(
-      "moe-serve attention --config FILE --rank N [flags]",
-      "Runs one attention worker rank: the model without its routed experts and a paged KV\n"
-      "cache, serving moe.internal.v1.AttentionWorker.Step (gRPC) on the port of\n"
-      "roles.attention_workers[N].address for the frontend. It registers with the scheduler,\n"
-      "follows its placement and sends the routed experts' rows to the expert ranks (TCP).\n"
-      "Stops on SIGTERM/SIGINT.");
-  RoleFlags role;
-  role.Register(flags);
+// A worker role with a rank (attention, expert): flags, config, the rank checked against
+// its list in the config, the log prefix "role[rank]", then serve until stopped.
+struct RankedWorker {
+  const char* role;
+  const char* description;
+  const char* roles_key;
+  std::function<size_t(const config::DeploymentConfig&)> num_ranks;
+  std::function<absl::Status(const config::DeploymentConfig&, int)> serve;
+};
+
+int RunRankedWorker(const RankedWorker& w, const Args& args, std::ostream& out,
+                    std::ostream& err) {
+  const std::string role = w.role;
+  common::FlagSet flags("moe-serve " + role + " --config FILE --rank N [flags]", w.description);
+  RoleFlags role_flags;
+  role_flags.Register(flags);
   int64_t rank = 0;
   flags.AddInt("rank", &rank, "rank within the role");
   if (int rc = ParseFlagsOrExit(flags, args, out, err); rc >= 0) return rc;
   config::DeploymentConfig deployment;
-  if (int rc = role.LoadOrExit("attention", {}, out, err, &deployment); rc >= 0) return rc;
-  const int64_t ranks = static_cast<int64_t>(deployment.roles.attention_workers.size());
+  if (int rc = role_flags.LoadOrExit(role, {}, out, err, &deployment); rc >= 0) return rc;
+  const int64_t ranks = static_cast<int64_t>(w.num_ranks(deployment));
   if (rank < 0 || rank >= ranks) {
-    err << "moe-serve attention: --rank " << rank << ": roles.attention_workers has ranks 0.."
-        << ranks - 1 << "\n";
+    err << "moe-serve " << role << ": --rank " << rank << ": " << w.roles_key
+        << " has ranks 0.." << ranks - 1 << "\n";
     return 2;
   }
-  common::SetLogPrefix(absl::StrCat("attention[", rank, "]"));
-  absl::Status status = ServeAttention(deployment, static_cast<int>(rank));
+  common::SetLogPrefix(absl::StrCat(role, "[", rank, "]"));
+  absl::Status status = w.serve(deployment, static_cast<int>(rank));
   if (!status.ok()) {
-    err << "moe-serve attention: " << status.message() << "\n";
+    err << "moe-serve " << role << ": " << status.message() << "\n";
     return status.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
   }
   return 0;
+}
+
+int RunAttention(const Args& args, std::ostream& out, std::ostream& err) {
+  return RunRankedWorker({.role = "attention",
+                          .description =
+                              "Runs one attention worker rank: the model without its routed experts and a paged KV\n"
+      "cache, serving moe.internal.v1.AttentionWorker.Step (gRPC) on the port of\n"
+      "roles.attention_workers[N].address for the frontend. It registers with the scheduler,\n"
+      "follows its placement and sends the routed experts' rows to the expert ranks (TCP).\n"
+      "Stops on SIGTERM/SIGINT.",
+                          .roles_key = "roles.attention_workers",
+                          .num_ranks = [](const config::DeploymentConfig& d) {
+                            return d.roles.attention_workers.size();
+                          },
+                          .serve = ServeAttention},
+                         args, out, err);
 }
 namespace {
 
@@ -639,33 +662,19 @@ absl::Status ServeExpert(const config::DeploymentConfig& d, int rank) {
 }  // namespace
 
 int RunExpert(const Args& args, std::ostream& out, std::ostream& err) {
-  common::FlagSet flags(
-      "moe-serve expert --config FILE --rank N [flags]",
-      "Runs one expert worker rank: it holds the expert slots the placement gives it, serves\n"
+  return RunRankedWorker({.role = "expert",
+                          .description =
+                              "Runs one expert worker rank: it holds the expert slots the placement gives it, serves\n"
       "dispatches on the port of roles.expert_workers[N].address (framed TCP) and ExpertControl\n"
       "(gRPC) on that port + 1, both on server.host, registers with roles.scheduler.address and\n"
       "heartbeats with load reports. Without a scheduler (inproc) it serves the static\n"
-      "round-robin placement. Stops on SIGTERM/SIGINT.");
-  RoleFlags role;
-  role.Register(flags);
-  int64_t rank = 0;
-  flags.AddInt("rank", &rank, "rank within the role");
-  if (int rc = ParseFlagsOrExit(flags, args, out, err); rc >= 0) return rc;
-  config::DeploymentConfig deployment;
-  if (int rc = role.LoadOrExit("expert", {}, out, err, &deployment); rc >= 0) return rc;
-  const int64_t ranks = static_cast<int64_t>(deployment.roles.expert_workers.size());
-  if (rank < 0 || rank >= ranks) {
-    err << "moe-serve expert: --rank " << rank << ": roles.expert_workers has ranks 0.."
-        << ranks - 1 << "\n";
-    return 2;
-  }
-  common::SetLogPrefix(absl::StrCat("expert[", rank, "]"));
-  absl::Status status = ServeExpert(deployment, static_cast<int>(rank));
-  if (!status.ok()) {
-    err << "moe-serve expert: " << status.message() << "\n";
-    return status.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
-  }
-  return 0;
+      "round-robin placement. Stops on SIGTERM/SIGINT.",
+                          .roles_key = "roles.expert_workers",
+                          .num_ranks = [](const config::DeploymentConfig& d) {
+                            return d.roles.expert_workers.size();
+                          },
+                          .serve = ServeExpert},
+                         args, out, err);
 }
 namespace {
 
